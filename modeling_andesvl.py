@@ -28,6 +28,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3RMSNorm
 
 from .configuration_andesvl import AndesVLAimv2VisionConfig, AndesVLConfig, AndesVLSiglip2VisionConfig
+from .image_processing_andesvl import AndesVLImageProcessor
+from .processing_andesvl import IMAGE_KWARGS, IMAGE_SOURCE_KEYS, AndesVLProcessor, normalize_messages
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -572,6 +574,66 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_grid_hw"] = image_grid_hw
         return model_inputs
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The official `chat()` / `completion()` API, as thin wrappers over the processor and `generate`
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def chat(self, messages: list, tokenizer, image_processor, **kwargs: Any) -> str | list[str]:
+        """Answer OpenAI-style chat `messages` (or a list of conversations, answered as a left-padded batch).
+
+        Keyword arguments: `thinking` / `Thinking` (end the prompt with `<think>`; the answer is returned with it),
+        `official_double_header` (repeat the assistant header like the official HF `chat()`),
+        `allow_remote_images` (fetch http(s) image URLs), the image options `resize_mode`, `max_size`, `min_size`,
+        `image_scale`; everything else goes to `generate` (e.g. `max_new_tokens`, `do_sample`, `temperature`).
+        """
+        processor = self._official_processor(tokenizer, image_processor)
+        thinking = bool(kwargs.pop("thinking", False) or kwargs.pop("Thinking", False))
+        template_kwargs = {"enable_thinking": thinking, "official_double_header": kwargs.pop("official_double_header", False)}
+        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = [normalize_messages(m) for m in (messages if batched else [messages])]
+        prompts = [processor.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in conversations]
+        images = [_image_parts(c) for c in conversations]
+        answers = self._generate_text(processor, prompts, images, thinking, **kwargs)
+        return answers if batched else answers[0]
+
+    def completion(self, prompt: str, images: list, tokenizer, image_processor, **kwargs: Any) -> str:
+        """Continue a raw `prompt` whose `<image>` markers (one per entry of `images`) mark where images go."""
+        processor = self._official_processor(tokenizer, image_processor)
+        thinking = bool(kwargs.pop("thinking", False) or kwargs.pop("Thinking", False))
+        return self._generate_text(processor, [prompt], [list(images or [])], thinking, **kwargs)[0]
+
+    def _official_processor(self, tokenizer, image_processor) -> AndesVLProcessor:
+        if not isinstance(image_processor, AndesVLImageProcessor):  # e.g. the official CLIPImageProcessor
+            vision = self.config.vision_config
+            image_processor = AndesVLImageProcessor(
+                patch_size=vision.patch_size,
+                merge_size=vision.merge_size,
+                image_mean=list(image_processor.image_mean),
+                image_std=list(image_processor.image_std),
+            )
+        return AndesVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+    def _generate_text(self, processor, prompts: list[str], images: list[list], thinking: bool, **kwargs: Any) -> list[str]:
+        call_kwargs = {key: kwargs.pop(key) for key in (*IMAGE_KWARGS, "allow_remote_images") if key in kwargs}
+        images = images if any(images) else None
+        inputs = processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt", **call_kwargs)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        output_ids = self.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+        answers = processor.batch_decode(output_ids, skip_special_tokens=True)
+        return ["<think>" + answer for answer in answers] if thinking else answers
+
+
+def _image_parts(messages: list[dict]) -> list:
+    """The image sources of normalized chat messages, in order of appearance."""
+    return [
+        next(part[key] for key in IMAGE_SOURCE_KEYS if part.get(key) is not None)
+        for message in messages
+        for part in message["content"]
+        if part["type"] == "image"
+    ]
 
 
 __all__ = ["AndesVLForConditionalGeneration", "AndesVLPreTrainedModel"]

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""CPU benchmark of AndesVL against transformers' own building blocks, measured side by side in one run.
+
+Figures (select with `--sections`):
+
+- `decode`: steady-state greedy decode tokens/s of a 0.6B-shaped AndesVL (SigLIP2-Base vision + Qwen3-0.6B text)
+  with one 448x448 image in the prompt, versus transformers' `Qwen3ForCausalLM` holding the very same text weights,
+  prompted with a text-only prompt of the same total length. Ratio target: AndesVL / Qwen3 >= 0.95.
+- `vision`: vision-encoder forward time at 448x448 and 896x896, ours (SigLIP2 NaViT-RoPE, sdpa) versus
+  transformers' native `Siglip2VisionModel` (sdpa, same widths/depths, no padding), and ours sdpa versus eager.
+  Ratio target: ours / native <= 1.10.
+- `prefill`: full AndesVL prefill (vision encoder + projector + Qwen3 over the prompt) with one and two 448x448
+  images, the vision share, and the section's peak RSS.
+
+Every model is random-init (no downloads), fp32, eval mode, run under `torch.inference_mode()`, seeded. In each
+timed repeat the contenders run one after the other (A, B, A, B, ...) so machine noise hits all of them; the JSON
+holds every raw sample, the medians and the ratios. The AndesVL classes are loaded from the repo root the way users
+load remote code (`get_class_from_dynamic_module`).
+
+Usage:
+    python scripts/benchmark.py                       # full run, ~5-10 min on 2 cores -> outputs/benchmark.json
+    python scripts/benchmark.py --quick --output /tmp/bench.json          # tiny-model smoke test (< 30 s)
+    python scripts/benchmark.py --sections vision --repeats 5 --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM, Siglip2VisionConfig, Siglip2VisionModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("decode", "vision", "prefill")
+IMAGE_START_ID, IMAGE_END_ID = 151652, 151653
+TEXT_VOCAB_LIMIT = 151643  # ordinary BPE ids; the special tokens start here
+
+FULL_VISION = dict(
+    model_type="siglip2_navit_rope_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, patch_size=16, num_patches=1024, hidden_act="gelu_pytorch_tanh",
+)
+FULL_TEXT = dict(  # Qwen3-0.6B
+    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+    max_position_embeddings=40960,
+)
+QUICK_VISION = dict(
+    model_type="siglip2_navit_rope_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, patch_size=16, num_patches=64, hidden_act="gelu_pytorch_tanh",
+)
+QUICK_TEXT = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=128, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=4096,
+)
+TINY_TEXT = dict(QUICK_TEXT, vocab_size=1024, num_hidden_layers=1)  # language model carried by vision-only builds
+
+NOTES = {
+    "general": "Random-init fp32 models in eval mode under torch.inference_mode(); each repeat runs the contenders "
+    "back to back in a fixed order (interleaved), after one untimed warm-up call each; figures are medians over "
+    "--repeats, raw samples included. Times are time.perf_counter() wall-clock seconds.",
+    "decode": "Greedy model.generate(do_sample=False, min_new_tokens=N, max_new_tokens=N) on the full prompt; a "
+    "no-op LogitsProcessor stamps time.perf_counter() once per generated token, so the N-1 intervals between the "
+    "first and the last stamp are exactly N-1 cached decode steps (forward + generate's per-step overhead), with "
+    "the prefill (and, for AndesVL, the vision encoder) excluded without subtracting two noisy runs. "
+    "decode_tokens_per_s = (N-1) / (t_last - t_first). prefill_in_generate_s = t_first - t_call. The Qwen3 baseline "
+    "is Qwen3ForCausalLM(andesvl.config.text_config) with andesvl.language_model's state dict, prompted with random "
+    "text ids of the same total length as the AndesVL prompt (text + <img> + image pads + </img>).",
+    "vision": "One image per call. Ours: model.vision_encoder(pixel_values [h*w, 3*16*16], image_grid_hw [[h, w]]) "
+    "of an AndesVL built with attn_implementation 'sdpa' or 'eager' (same seed, so same weights). Native: "
+    "transformers Siglip2VisionModel with the same widths/depths, num_patches = h*w (no padding), "
+    "vision_use_head=False (AndesVL has no pooling head), inputs pixel_values [1, h*w, 768], pixel_attention_mask "
+    "ones and spatial_shapes [[h, w]], attn_implementation 'sdpa'.",
+    "prefill": "model(input_ids, pixel_values, image_grid_hw, attention_mask, use_cache=True, logits_to_keep=1), "
+    "i.e. exactly generate's prefill step: vision encoder + 2x2 merge + projector + Qwen3 over the whole prompt "
+    "(~32 text tokens + per image <img> + 196 pads + </img>). prefill_seconds_per_image = the one-image prefill; "
+    "marginal_seconds_per_extra_image = two-image minus one-image median. vision_share = get_image_features time "
+    "(one image) / one-image prefill. peak_rss_mb is the process high-water mark over the section, reset at its "
+    "start via /proc/self/clear_refs when the kernel allows (else the process-lifetime ru_maxrss).",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark.json"), help="JSON file to write.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for weights and inputs (default 0).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per contender; medians are reported.")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2).")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=None, help="New tokens per generate() in `decode` (default 32; 8 with --quick)."
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="Text tokens in the prompt (besides images).")
+    parser.add_argument("--quick", action="store_true", help="Tiny widths/depths and small images: a smoke test.")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}."
+    )
+    args = parser.parse_args(argv)
+    if args.decode_tokens is None:
+        args.decode_tokens = 8 if args.quick else 32
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.repeats < 1 or args.decode_tokens < 2:
+        parser.error("--repeats must be >= 1 and --decode-tokens >= 2")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def andesvl_classes() -> tuple[type, type]:
+    config_cls = get_class_from_dynamic_module("configuration_andesvl.AndesVLConfig", str(REPO_ROOT))
+    model_cls = get_class_from_dynamic_module("modeling_andesvl.AndesVLForConditionalGeneration", str(REPO_ROOT))
+    return config_cls, model_cls
+
+
+def build_andesvl(vision: dict, text: dict, attn: str, seed: int) -> torch.nn.Module:
+    config_cls, model_cls = andesvl_classes()
+    config = config_cls(vision_config=dict(vision), text_config=dict(text), attn_implementation=attn)
+    torch.manual_seed(seed)
+    return model_cls(config).float().eval()
+
+
+def build_qwen3_twin(andesvl: torch.nn.Module) -> torch.nn.Module:
+    """transformers' own Qwen3ForCausalLM with exactly the AndesVL language model's weights."""
+    twin = Qwen3ForCausalLM(andesvl.config.text_config)
+    twin.load_state_dict(andesvl.language_model.state_dict())
+    return twin.float().eval()
+
+
+def build_native_siglip2(vision: dict, num_patches: int, seed: int) -> torch.nn.Module:
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "hidden_act")
+    config = Siglip2VisionConfig(
+        **{k: vision[k] for k in fields}, num_patches=num_patches, vision_use_head=False, attn_implementation="sdpa"
+    )
+    torch.manual_seed(seed)
+    return Siglip2VisionModel(config).float().eval()
+
+
+def image_grid(resolution: int, patch: int) -> tuple[int, int]:
+    return resolution // patch, resolution // patch
+
+
+def packed_images(grids: list[tuple[int, int]], patch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed patches [sum h*w, 3*p*p] and image_grid_hw [num_images, 2] (block order is irrelevant here)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_patches = sum(h * w for h, w in grids)
+    return torch.randn(num_patches, 3 * patch * patch, generator=generator), torch.tensor(grids, dtype=torch.long)
+
+
+def prompt_ids(image_tokens: list[int], text_tokens: int, image_token_id: int, seed: int) -> torch.Tensor:
+    """[1, S]: half the text, then `<img> pads </img>` per image, then the other half of the text."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, TEXT_VOCAB_LIMIT, (text_tokens,), generator=generator).tolist()
+    head, tail = text[: text_tokens // 2], text[text_tokens // 2 :]
+    images = [tok for n in image_tokens for tok in [IMAGE_START_ID] + [image_token_id] * n + [IMAGE_END_ID]]
+    return torch.tensor([head + images + tail], dtype=torch.long)
+
+
+def text_prompt_ids(length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, TEXT_VOCAB_LIMIT, (1, length), generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_interleaved(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """One untimed warm-up each, then `repeats` rounds of A, B, ...; every callable returns its own seconds."""
+    for fn in contenders.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            samples[name].append(fn())
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(samples), "min": min(samples), "samples": [round(s, 6) for s in samples]}
+
+
+class StepTimer(LogitsProcessor):
+    """No-op logits processor that stamps the wall clock once per generated token (after each forward)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def generate_timing(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int) -> dict[str, float]:
+    """One greedy generate(); returns the decode seconds per token and the prefill seconds."""
+    timer = StepTimer()
+    start = time.perf_counter()
+    output = model.generate(
+        **inputs, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+        logits_processor=LogitsProcessorList([timer]), pad_token_id=0,
+    )
+    generated = output.shape[1] - inputs["input_ids"].shape[1]
+    if generated != new_tokens or len(timer.stamps) != new_tokens:
+        raise RuntimeError(f"generate produced {generated} tokens / {len(timer.stamps)} steps, expected {new_tokens}")
+    return {
+        "decode_s_per_token": (timer.stamps[-1] - timer.stamps[0]) / (new_tokens - 1),
+        "prefill_s": timer.stamps[0] - start,
+    }
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def decode_inputs(andesvl: torch.nn.Module, args: argparse.Namespace, resolution: int) -> tuple[dict, dict]:
+    config = andesvl.config
+    patch = config.vision_config.patch_size
+    grid = image_grid(resolution, patch)
+    pixel_values, grid_hw = packed_images([grid], patch, args.seed)
+    ids = prompt_ids([grid[0] * grid[1] // config.image_token_group], args.prompt_tokens, config.image_token_id, args.seed)
+    vlm = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, image_grid_hw=grid_hw)
+    text_ids = text_prompt_ids(ids.shape[1], args.seed)
+    return vlm, dict(input_ids=text_ids, attention_mask=torch.ones_like(text_ids))
+
+
+def same_weights_check(andesvl: torch.nn.Module, qwen3: torch.nn.Module, seed: int) -> float:
+    """Max |logit difference| of the two language models on a short text-only prompt (should be ~0)."""
+    ids = text_prompt_ids(8, seed + 7)
+    return float((andesvl(input_ids=ids).logits - qwen3(input_ids=ids).logits).abs().max())
+
+
+def time_decode(args: argparse.Namespace) -> dict[str, Any]:
+    vision, text = (QUICK_VISION, QUICK_TEXT) if args.quick else (FULL_VISION, FULL_TEXT)
+    resolution = 128 if args.quick else 448
+    andesvl = build_andesvl(vision, text, "sdpa", args.seed)
+    qwen3 = build_qwen3_twin(andesvl)
+    vlm_inputs, text_inputs = decode_inputs(andesvl, args, resolution)
+    runs: dict[str, list[dict]] = {"andesvl": [], "qwen3": []}
+
+    def contender(name: str, model: torch.nn.Module, inputs: dict) -> Callable[[], float]:
+        def run() -> float:
+            runs[name].append(generate_timing(model, inputs, args.decode_tokens))
+            return runs[name][-1]["decode_s_per_token"]
+
+        return run
+
+    samples = run_interleaved(
+        {"andesvl": contender("andesvl", andesvl, vlm_inputs), "qwen3": contender("qwen3", qwen3, text_inputs)},
+        args.repeats,
+    )
+    result: dict[str, Any] = {
+        "image_resolution": resolution,
+        "context_tokens": int(vlm_inputs["input_ids"].shape[1]),
+        "image_tokens": int((vlm_inputs["input_ids"] == andesvl.config.image_token_id).sum()),
+        "decode_tokens": args.decode_tokens,
+        "max_abs_logit_diff_same_weights": same_weights_check(andesvl, qwen3, args.seed),
+    }
+    for name in runs:
+        median_s = statistics.median(samples[name])
+        prefill = [r["prefill_s"] for r in runs[name][1:]]  # skip the warm-up
+        result[name] = {
+            "decode_tokens_per_s": 1.0 / median_s,
+            "decode_s_per_token": summary(samples[name]),
+            "prefill_in_generate_s": summary(prefill),
+        }
+    result["ratio_andesvl_over_qwen3"] = result["andesvl"]["decode_tokens_per_s"] / result["qwen3"]["decode_tokens_per_s"]
+    result["target"] = ">= 0.95"
+    result["meets_target"] = result["ratio_andesvl_over_qwen3"] >= 0.95
+    return result
+
+
+def vision_contenders(vision: dict, resolution: int, ours: dict[str, torch.nn.Module], seed: int) -> dict:
+    patch = vision["patch_size"]
+    h, w = image_grid(resolution, patch)
+    pixel_values, grid_hw = packed_images([(h, w)], patch, seed)
+    native = build_native_siglip2(vision, h * w, seed)
+    native_inputs = dict(
+        pixel_values=pixel_values[None],
+        pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long),
+        spatial_shapes=torch.tensor([[h, w]], dtype=torch.long),
+    )
+    return {
+        "ours_sdpa": lambda: timed(lambda: ours["sdpa"](pixel_values, grid_hw)),
+        "siglip2_sdpa": lambda: timed(lambda: native(**native_inputs)),
+        "ours_eager": lambda: timed(lambda: ours["eager"](pixel_values, grid_hw)),
+    }
+
+
+def time_vision(args: argparse.Namespace) -> dict[str, Any]:
+    vision = QUICK_VISION if args.quick else FULL_VISION
+    resolutions = (128, 256) if args.quick else (448, 896)
+    ours = {attn: build_andesvl(vision, TINY_TEXT, attn, args.seed).vision_encoder for attn in ("sdpa", "eager")}
+    result: dict[str, Any] = {"target_ours_over_siglip2": "<= 1.10"}
+    for resolution in resolutions:
+        samples = run_interleaved(vision_contenders(vision, resolution, ours, args.seed), args.repeats)
+        medians = {name: statistics.median(values) for name, values in samples.items()}
+        h, w = image_grid(resolution, vision["patch_size"])
+        result[f"{resolution}x{resolution}"] = {
+            "patches": h * w,
+            **{f"{name}_s": summary(values) for name, values in samples.items()},
+            "ratio_ours_over_siglip2": medians["ours_sdpa"] / medians["siglip2_sdpa"],
+            "ratio_sdpa_over_eager": medians["ours_sdpa"] / medians["ours_eager"],
+            "meets_target": medians["ours_sdpa"] / medians["siglip2_sdpa"] <= 1.10,
+        }
+        gc.collect()
+    return result
+
+
+def prefill_contenders(model: torch.nn.Module, args: argparse.Namespace, resolution: int) -> dict:
+    config = model.config
+    patch = config.vision_config.patch_size
+    grid = image_grid(resolution, patch)
+    per_image = grid[0] * grid[1] // config.image_token_group
+    contenders = {}
+    for count in (1, 2):
+        pixel_values, grid_hw = packed_images([grid] * count, patch, args.seed)
+        ids = prompt_ids([per_image] * count, args.prompt_tokens, config.image_token_id, args.seed)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                      image_grid_hw=grid_hw, use_cache=True, logits_to_keep=1)
+        contenders[f"prefill_{count}_image"] = (lambda inp: lambda: timed(lambda: model(**inp)))(inputs)
+        if count == 1:
+            contenders["vision_features_1_image"] = lambda pv=pixel_values, g=grid_hw: timed(
+                lambda: model.get_image_features(pv, g)
+            )
+    return contenders
+
+
+def time_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    vision, text = (QUICK_VISION, QUICK_TEXT) if args.quick else (FULL_VISION, FULL_TEXT)
+    resolution = 128 if args.quick else 448
+    model = build_andesvl(vision, text, "sdpa", args.seed)
+    samples = run_interleaved(prefill_contenders(model, args, resolution), args.repeats)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return {
+        "image_resolution": resolution,
+        **{f"{name}_s": summary(values) for name, values in samples.items()},
+        "prefill_seconds_per_image": medians["prefill_1_image"],
+        "marginal_seconds_per_extra_image": medians["prefill_2_image"] - medians["prefill_1_image"],
+        "vision_share_of_1_image_prefill": medians["vision_features_1_image"] / medians["prefill_1_image"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def environment_info(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+
+
+def run_section(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    section = {"decode": time_decode, "vision": time_vision, "prefill": time_prefill}[name]
+    reset = reset_peak_rss()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = section(args)
+    gc.collect()
+    result["section_wall_s"] = time.perf_counter() - start
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_scope"] = "section (reset at start)" if reset else "process lifetime"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    resolved = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    print("benchmark args:", json.dumps(resolved), flush=True)
+    start = time.perf_counter()
+    report: dict[str, Any] = {"args": resolved, "environment": environment_info(args)}
+    report["notes"] = {key: NOTES[key] for key in ("general", *args.sections)}
+    for name in args.sections:
+        print(f"[{time.perf_counter() - start:7.1f}s] section {name} ...", file=sys.stderr, flush=True)
+        report[name] = run_section(name, args)
+    report["total_wall_s"] = time.perf_counter() - start
+    text = json.dumps(report, indent=2)
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
