@@ -228,6 +228,10 @@ class AndesVLConfig(PretrainedConfig):
         image_end_token_id (`int`, *optional*, defaults to 151653): `</img>`, closes an image span.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`): share the LM head with the input embedding.
             Kept at the top level (transformers 5 reads it there) and mirrored into `text_config` (4.x reads it there).
+        quantization (`dict`, *optional*): a weight-only quantized base (see `quantization_andesvl.py`):
+            `{"bits": 4 | 8, "group_size": int, "modules": regex, "scale_dtype": "float16" | "bfloat16" | "float32"}`.
+            The `nn.Linear`s whose full names fullmatch `modules` are built as `AndesVLQuantizedLinear` (state keys
+            `qweight`, `scales`). `None` (default) means a float model. Written by `scripts/quantize.py`.
     """
 
     model_type = "andesvl"
@@ -241,6 +245,7 @@ class AndesVLConfig(PretrainedConfig):
         image_start_token_id: int = 151652,
         image_end_token_id: int = 151653,
         tie_word_embeddings: bool = True,
+        quantization: dict | None = None,
         **kwargs: Any,
     ):
         self.vision_config = _build_vision_config(vision_config)
@@ -249,6 +254,7 @@ class AndesVLConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.image_start_token_id = image_start_token_id
         self.image_end_token_id = image_end_token_id
+        self.quantization = quantization
         kwargs.pop("model_type", None)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 

@@ -15,6 +15,7 @@ Attention goes through transformers' attention registry (`eager`, `sdpa`, `flash
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3RMSN
 from .configuration_andesvl import AndesVLAimv2VisionConfig, AndesVLConfig, AndesVLSiglip2VisionConfig
 from .image_processing_andesvl import AndesVLImageProcessor
 from .processing_andesvl import IMAGE_KWARGS, IMAGE_SOURCE_KEYS, AndesVLProcessor, normalize_messages
+from .quantization_andesvl import replace_linear_with_quantized
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -477,13 +479,25 @@ class AndesVLPreTrainedModel(PreTrainedModel):
 class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
     """Vision encoder -> 2x2 merge -> MLP projector -> Qwen3. Children are named as in the official checkpoints."""
 
-    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+    # transformers 5 (and peft with it) wants the dict form; 4.57's Qwen3 uses a list, and peft rejects a mix of both.
+    _tied_weights_keys = (
+        {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+        if isinstance(Qwen3ForCausalLM._tied_weights_keys, dict)
+        else ["language_model.lm_head.weight"]
+    )
+    # Default LoRA targets of the "1+N" scenario adapters: the language model's attention and MLP projections, as a
+    # regex (peft full-matches a string) so the vision encoder and the projector are never adapted by accident.
+    default_lora_target_modules = (
+        r"language_model\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    )
 
     def __init__(self, config: AndesVLConfig):
         super().__init__(config)
         self.vision_encoder = VISION_MODEL_CLASSES[config.vision_type](config.vision_config)
         self.mlp = AndesVLProjector(config)
         self.language_model = Qwen3ForCausalLM(config.text_config)
+        if config.quantization:  # weight-only quantized base: build the layers whose qweight/scales keys get loaded
+            replace_linear_with_quantized(self, config.quantization)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -576,6 +590,29 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         return model_inputs
 
     # ------------------------------------------------------------------------------------------------------------------
+    # "1+N" scenario adapters: thin conveniences over transformers' integrated peft API (peft is imported by it)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def available_adapters(self) -> list[str]:
+        """Names of the scenario adapters shipped as `adapters/<name>/` in the repo this model was loaded from."""
+        return sorted(path.parent.name for path in _repo_folder(self.name_or_path).glob("adapters/*/adapter_config.json"))
+
+    def load_scenario_adapter(self, name: str, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Load and activate `adapters/<name>/` of this model's repo (local folder or Hub id) with `load_adapter`.
+
+        The adapter folder is resolved locally first (for a Hub id: a snapshot of just that folder), which also
+        sidesteps transformers 4.57 ignoring `subfolder` for local repos; its weights are checked against this
+        model before peft sees them. `kwargs` go to `load_adapter`.
+        """
+        available = self.available_adapters()
+        if name not in available:
+            raise ValueError(f"Unknown adapter {name!r} for {self.name_or_path}; available adapters: {available}.")
+        folder = _repo_folder(self.name_or_path, f"adapters/{name}/*") / "adapters" / name
+        check_adapter_matches_model(folder, self)
+        self.load_adapter(str(folder), adapter_name=adapter_name or name, **kwargs)
+        self.set_adapter(adapter_name or name)
+
+    # ------------------------------------------------------------------------------------------------------------------
     # The official `chat()` / `completion()` API, as thin wrappers over the processor and `generate`
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -618,12 +655,51 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         call_kwargs = {key: kwargs.pop(key) for key in (*IMAGE_KWARGS, "allow_remote_images") if key in kwargs}
         images = images if any(images) else None
         inputs = processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt", **call_kwargs)
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs = inputs.to(self.device, dtype=self.dtype)  # casts only the floating-point pixel_values
         output_ids = self.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
         answers = processor.batch_decode(output_ids, skip_special_tokens=True)
         return ["<think>" + answer for answer in answers] if thinking else answers
+
+
+def _repo_folder(name_or_path: str, pattern: str = "adapters/*/adapter_config.json") -> Path:
+    """A local repo as is; for a Hub id, the (cached) snapshot holding only the files matching `pattern`."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=[pattern]))
+
+
+def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
+    """Raise a clear ValueError when an adapter folder is missing, corrupt, or was trained for another base."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"Adapter folder {folder} has no adapter_model.safetensors.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises several error types for damaged files
+        raise ValueError(f"{weights} is not a readable safetensors file ({error}).") from error
+    problems = []
+    for key, shape in shapes.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module_name = key.removeprefix("base_model.model.").split(".lora_")[0]
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"{key}: this model has no module {module_name}")
+            continue
+        expected = (shape[0], module.in_features) if ".lora_A." in key else (module.out_features, shape[1])
+        if shape != expected:
+            problems.append(f"{key}: adapter shape {shape}, this model needs {expected}")
+    if problems:
+        raise ValueError(
+            f"Adapter {folder} does not fit this model ({len(problems)} of {len(shapes)} tensors; it was trained "
+            f"for another base?): " + "; ".join(problems[:3])
+        )
 
 
 def _image_parts(messages: list[dict]) -> list:

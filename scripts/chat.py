@@ -65,9 +65,7 @@ def answer(model, processor, messages: list[dict], args: argparse.Namespace) -> 
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, enable_thinking=args.thinking,
         tokenize=True, return_dict=True, return_tensors="pt",
-    ).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    ).to(model.device, dtype=model.dtype)  # casts only the floating-point pixel_values
     generate_kwargs = dict(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     prefix = "<think>" if args.thinking else ""
     if not args.stream:

@@ -1,0 +1,363 @@
+"""Weight-only quantization of AndesVL's language model: the "1" of "1+N LoRA" (one quantized base, N adapters).
+
+Scheme (the single source of truth for the deployed model and for QALFT):
+- symmetric, group-wise along the input dim, one scale per (output row, group of `group_size` inputs);
+- `qmax = 2**(bits-1) - 1`, `scale = amax(|w_group|) / qmax` in fp32, clamped to [tiny, max] of `scale_dtype` and
+  stored in `scale_dtype`; `code = clamp(round_half_even(w / float(scale)), -qmax-1, qmax)`;
+- dequantized weight = `float(code) * float(scale)`, cast to the compute dtype.
+
+Quantizing and dequantizing are done in fp32 whatever the weight dtype (bf16/fp16 -> fp32 is exact), so the codes
+depend only on the weight values, and `fake_quantize(w)` (QALFT, straight-through gradients) is bit-identical to the
+weight that `AndesVLQuantizedLinear` computes from the saved `qweight`/`scales`.
+
+On disk: int4 codes are packed two per uint8 (`qweight` [out, in/2]), int8 codes are int8 (`qweight` [out, in]),
+`scales` [out, in/group_size]. `config.quantization` (`{"bits", "group_size", "modules", "scale_dtype"}`) makes
+`AndesVLForConditionalGeneration.__init__` build the quantized layers, so `from_pretrained` loads those keys as is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_BITS = (4, 8)
+# 64 divides every in_features of every AndesVL size (hidden 1024/2048/2560, q-out 2048/4096, MLP 3072/6144/9728) and
+# of the tiny test models; one default for both bit widths keeps QALFT and deployment from disagreeing silently.
+DEFAULT_GROUP_SIZE = 64
+# The decoder projections of the Qwen3 language model only: never lm_head / embed_tokens (tied), the vision tower or
+# the projector. The same string works as peft `target_modules` (peft fullmatches a string against module names).
+DEFAULT_MODULES = r"language_model\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Spec validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; expected one of {SUPPORTED_BITS}.")
+    return 2 ** (bits - 1) - 1  # qmax
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size={group_size} must be a positive divisor of in_features={in_features}.")
+
+
+def scale_dtype_of(scale_dtype: str | torch.dtype) -> torch.dtype:
+    name = str(scale_dtype).removeprefix("torch.")
+    if name not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype!r} is not supported; expected one of {list(SCALE_DTYPES)}.")
+    return SCALE_DTYPES[name]
+
+
+def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and validate a `config.quantization` dict; returns the JSON-serialisable canonical form."""
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown quantization keys {unknown}; expected a subset of {list(SPEC_KEYS)}.")
+    bits, group_size = spec.get("bits", 4), spec.get("group_size", DEFAULT_GROUP_SIZE)
+    check_bits(bits)
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive integer.")
+    modules = spec.get("modules", DEFAULT_MODULES)
+    try:
+        re.compile(modules)
+    except re.error as error:
+        raise ValueError(f"modules={modules!r} is not a valid regular expression: {error}.") from None
+    scale_dtype = str(scale_dtype_of(spec.get("scale_dtype", "float16"))).removeprefix("torch.")
+    return {"bits": bits, "group_size": group_size, "modules": modules, "scale_dtype": scale_dtype}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The quantizer (shared by deployment and QALFT)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (codes int8 [out, in], scales `scale_dtype` [out, in/group_size])."""
+    qmax = check_bits(bits)
+    out_features, in_features = weight.shape
+    check_group_size(in_features, group_size)
+    scale_dtype = scale_dtype_of(scale_dtype)
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)  # [out, G, g]
+    num_bad = int((~torch.isfinite(groups)).sum())
+    if num_bad:
+        raise ValueError(f"Cannot quantize a weight with {num_bad} non-finite values out of {weight.numel()}.")
+    limits = torch.finfo(scale_dtype)
+    # The tiny floor keeps all-zero groups at code 0 instead of 0/0 = NaN.
+    scales = (groups.abs().amax(-1) / qmax).clamp(limits.tiny, limits.max).to(scale_dtype)  # [out, G]
+    codes = torch.round(groups / scales.float()[..., None]).clamp(-qmax - 1, qmax)  # [out, G, g]
+    return codes.to(torch.int8).reshape(out_features, in_features), scales
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """codes int8 [out, in] and scales [out, in/group_size] -> weight [out, in] in `dtype`."""
+    out_features, in_features = codes.shape
+    check_group_size(in_features, group_size)
+    if tuple(scales.shape) != (out_features, in_features // group_size):
+        raise ValueError(
+            f"scales have shape {tuple(scales.shape)}, expected {(out_features, in_features // group_size)} for codes "
+            f"{tuple(codes.shape)} and group_size={group_size}."
+        )
+    groups = codes.float().reshape(out_features, -1, group_size) * scales.float()[..., None]  # [out, G, g]
+    return groups.reshape(out_features, in_features).to(dtype)
+
+
+class _StraightThroughFakeQuantize(torch.autograd.Function):
+    """Forward: the exact dequantized weight. Backward: the identity (straight-through estimator).
+
+    `w + (fq - w).detach()` would also pass gradients, but its value is `w + fl(fq - w)`, which is not guaranteed to
+    round back to `fq` bit for bit; a custom Function returns `fq` itself.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype) -> torch.Tensor:
+        codes, scales = quantize_weight(weight, bits, group_size, scale_dtype)
+        return dequantize_weight(codes, scales, group_size, weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None, None
+
+
+def fake_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
+) -> torch.Tensor:
+    """QALFT: `dequantize(quantize(weight))` in the weight's dtype, with gradients passed unchanged to `weight`."""
+    return _StraightThroughFakeQuantize.apply(weight, bits, group_size, scale_dtype_of(scale_dtype))
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] [out, in] -> uint8 [out, in/2]; column 2j in the low nibble, 2j+1 in the high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {codes.shape[-1]}.")
+    nibbles = codes.to(torch.int16) & 0xF  # two's-complement nibbles [out, in]
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> int8 codes in [-8, 7] [out, in] (inverse of `pack_int4`)."""
+    packed = packed.to(torch.int16)
+    low, high = packed & 0xF, (packed >> 4) & 0xF
+    nibbles = torch.stack([low, high], dim=-1).flatten(-2)  # [out, in]
+    return ((nibbles ^ 8) - 8).to(torch.int8)  # sign-extend 4 -> 8 bits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The deployed layer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AndesVLQuantizedLinear(nn.Linear):
+    """Weight-only quantized linear layer: persistent buffers `qweight` and `scales`, an optional float `bias`.
+
+    It subclasses `nn.Linear` only so that peft's LoRA dispatch (`isinstance(base_layer, nn.Linear)`) wraps it with the
+    standard `lora.Linear`; peft then finds its device through `qweight` (after `weight`, which is absent). There is no
+    float `weight`: reading it raises, so peft's `merge_adapter()` / `merge_and_unload()` fail with that message
+    instead of writing into a tensor that is not saved. Keep adapters unmerged, or merge into the float model and
+    re-quantize.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        scale_dtype: str | torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        check_bits(bits)
+        check_group_size(in_features, group_size)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"int4 packing needs an even in_features, got {in_features}.")
+        super().__init__(in_features, out_features, bias=False, device="meta")
+        del self.weight
+        self.bits, self.group_size = bits, group_size
+        packed_shape = (out_features, in_features // 2 if bits == 4 else in_features)
+        code_dtype = torch.uint8 if bits == 4 else torch.int8
+        self.register_buffer("qweight", torch.zeros(packed_shape, dtype=code_dtype, device=device))
+        scales_shape = (out_features, in_features // group_size)
+        self.register_buffer("scales", torch.zeros(scales_shape, dtype=scale_dtype_of(scale_dtype), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # transformers' `_init_weights` (ours and Qwen3's) would draw `module.weight` for every nn.Linear: this layer's
+        # state is loaded from the checkpoint, never drawn, so mark it initialised (both 4.x and 5.x skip it).
+        self._is_hf_initialized = True
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
+    ) -> AndesVLQuantizedLinear:
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, scale_dtype,
+                    device=weight.device, dtype=weight.dtype)
+        codes, scales = quantize_weight(weight, bits, group_size, scale_dtype)
+        layer.qweight = pack_int4(codes) if bits == 4 else codes
+        layer.scales = scales
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer.train(linear.training)
+
+    def reset_parameters(self) -> None:
+        """Nothing to draw: the state is the checkpoint's (`nn.Linear.__init__` calls this)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} ({self.bits}-bit, group_size={self.group_size}) has no float `weight`; use "
+                "`dequantized_weight(dtype)`. Merging a LoRA adapter into a quantized base (peft `merge_adapter`, "
+                "`merge_and_unload`) is not supported: keep the adapter unmerged, or merge into the float model "
+                "and quantize again."
+            )
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)`, `.half()`, `.bfloat16()` would round the scales and break bit-exactness with QALFT: follow
+        # device moves, never dtype casts.
+        scales = self._buffers["scales"]
+        super()._apply(fn, recurse)
+        if self._buffers["scales"].dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(self._buffers["scales"].device)
+        return self
+
+    def codes(self) -> torch.Tensor:
+        """int8 codes [out, in]."""
+        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales, self.group_size, dtype)  # [out, in]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whole-model helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def select_linear_modules(model: nn.Module, modules: str) -> list[tuple[str, nn.Linear]]:
+    """Every `nn.Linear` whose full name fullmatches `modules`, except the output embedding (tied to the input one)."""
+    pattern = re.compile(modules)
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    selected = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not output_embeddings and pattern.fullmatch(name)
+    ]
+    if not selected:
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        raise ValueError(
+            f"modules={modules!r} matches none of the model's {len(linears)} nn.Linear modules "
+            f"(e.g. {linears[:3]}); names are full module paths, matched with re.fullmatch."
+        )
+    already = [name for name, module in selected if isinstance(module, AndesVLQuantizedLinear)]
+    if already:
+        raise ValueError(f"{len(already)} of the {len(selected)} selected modules are already quantized: {already[:3]}.")
+    return selected
+
+
+def check_groups(selected: list[tuple[str, nn.Linear]], group_size: int) -> None:
+    bad = [f"{name} (in_features={module.in_features})" for name, module in selected if module.in_features % group_size]
+    if bad:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features of {len(bad)} of the {len(selected)} selected "
+            f"modules, e.g. {bad[:3]}."
+        )
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def replace_linear_with_quantized(model: nn.Module, spec: dict[str, Any]) -> list[str]:
+    """Swap the selected `nn.Linear`s for empty `AndesVLQuantizedLinear`s of the same shapes (to be loaded)."""
+    spec = normalize_spec(spec)
+    selected = select_linear_modules(model, spec["modules"])
+    check_groups(selected, spec["group_size"])
+    for name, linear in selected:
+        # device=None follows the loading context (meta in 5.x); the bias follows the linear's dtype.
+        layer = AndesVLQuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, spec["bits"],
+                                       spec["group_size"], spec["scale_dtype"], dtype=linear.weight.dtype)
+        set_module(model, name, layer)
+    return [name for name, _ in selected]
+
+
+def state_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes, elements) of the saved state: parameters and persistent buffers, tied tensors counted once."""
+    tensors = {id(tensor): tensor for tensor in model.state_dict(keep_vars=True).values()}.values()
+    return sum(t.numel() * t.element_size() for t in tensors), sum(t.numel() for t in tensors)
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    modules_regex: str = DEFAULT_MODULES,
+    scale_dtype: str | torch.dtype = "float16",
+) -> dict[str, Any]:
+    """Quantize the selected `nn.Linear`s in place, record the spec in `model.config.quantization`, return a report.
+
+    Bits per weight count the scales (int4, group 64, fp16 scales: 4 + 16/64 = 4.25); biases stay float and are
+    left out of the quantized-module figure but included in the whole-model one (bytes after / elements before).
+    """
+    spec = normalize_spec({"bits": bits, "group_size": group_size, "modules": modules_regex, "scale_dtype": scale_dtype})
+    selected = select_linear_modules(model, spec["modules"])
+    check_groups(selected, spec["group_size"])
+    bytes_before, elements_before = state_bytes(model)
+    weights = sum(linear.weight.numel() for _, linear in selected)
+    float_bytes = sum(linear.weight.numel() * linear.weight.element_size() for _, linear in selected)
+    quantized_bytes = 0
+    for name, linear in selected:
+        layer = AndesVLQuantizedLinear.from_linear(linear, spec["bits"], spec["group_size"], spec["scale_dtype"])
+        quantized_bytes += layer.qweight.nbytes + layer.scales.nbytes
+        set_module(model, name, layer)
+    bytes_after, _ = state_bytes(model)
+    if getattr(model, "config", None) is not None:
+        model.config.quantization = spec
+    return {
+        **spec,
+        "quantized_modules": len(selected),
+        "quantized_weights": weights,
+        "bits_per_weight_quantized_modules": 8 * quantized_bytes / weights,
+        "bits_per_weight_model": 8 * bytes_after / elements_before,
+        "quantized_modules_bytes_before": float_bytes,
+        "quantized_modules_bytes_after": quantized_bytes,
+        "model_bytes_before": bytes_before,
+        "model_bytes_after": bytes_after,
+        "module_names": [name for name, _ in selected],
+    }
+
+
+__all__ = [
+    "AndesVLQuantizedLinear",
+    "DEFAULT_GROUP_SIZE",
+    "DEFAULT_MODULES",
+    "dequantize_weight",
+    "fake_quantize",
+    "normalize_spec",
+    "pack_int4",
+    "quantize_model",
+    "quantize_weight",
+    "replace_linear_with_quantized",
+    "unpack_int4",
+]
