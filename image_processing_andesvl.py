@@ -218,7 +218,10 @@ def _read_source(source: Union[str, os.PathLike], allow_remote: bool, timeout: f
     text = os.fspath(source)
     if isinstance(source, str) and source.strip().lower().startswith(("http://", "https://")):
         if not allow_remote:
-            raise ValueError(f"Remote image fetching is disabled (got URL {source!r}); pass allow_remote=True.")
+            raise ValueError(
+                f"Remote image fetching is disabled (got URL {source!r}); opt in with allow_remote_images=True "
+                "(AutoProcessor.from_pretrained / processor call / model.chat) or load_image(..., allow_remote=True)."
+            )
         return _fetch_url(source.strip(), timeout), f"image at URL {source!r}"
     if isinstance(source, str) and source.startswith("data:"):
         return _decode_data_url(source), "data URL"

@@ -625,7 +625,7 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         `image_scale`; everything else goes to `generate` (e.g. `max_new_tokens`, `do_sample`, `temperature`).
         """
         processor = self._official_processor(tokenizer, image_processor)
-        thinking = bool(kwargs.pop("thinking", False) or kwargs.pop("Thinking", False))
+        thinking = _pop_thinking(kwargs)
         template_kwargs = {"enable_thinking": thinking, "official_double_header": kwargs.pop("official_double_header", False)}
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = [normalize_messages(m) for m in (messages if batched else [messages])]
@@ -637,7 +637,7 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
     def completion(self, prompt: str, images: list, tokenizer, image_processor, **kwargs: Any) -> str:
         """Continue a raw `prompt` whose `<image>` markers (one per entry of `images`) mark where images go."""
         processor = self._official_processor(tokenizer, image_processor)
-        thinking = bool(kwargs.pop("thinking", False) or kwargs.pop("Thinking", False))
+        thinking = _pop_thinking(kwargs)
         return self._generate_text(processor, [prompt], [list(images or [])], thinking, **kwargs)[0]
 
     def _official_processor(self, tokenizer, image_processor) -> AndesVLProcessor:
@@ -702,14 +702,24 @@ def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
         )
 
 
+def _pop_thinking(kwargs: dict[str, Any]) -> bool:
+    """The official API's thinking switch: `thinking` (Instruct code) or `Thinking` (Thinking-model README)."""
+    lower, upper = kwargs.pop("thinking", False), kwargs.pop("Thinking", False)
+    return bool(lower or upper)
+
+
 def _image_parts(messages: list[dict]) -> list:
     """The image sources of normalized chat messages, in order of appearance."""
-    return [
-        next(part[key] for key in IMAGE_SOURCE_KEYS if part.get(key) is not None)
-        for message in messages
-        for part in message["content"]
-        if part["type"] == "image"
-    ]
+    sources = []
+    for message in messages:
+        for part in message["content"]:
+            if part["type"] != "image":
+                continue
+            source = next((part[key] for key in IMAGE_SOURCE_KEYS if part.get(key) is not None), None)
+            if source is None:
+                raise ValueError(f"An image part has no source; give one of {IMAGE_SOURCE_KEYS}: {part!r:.80}")
+            sources.append(source)
+    return sources
 
 
 __all__ = ["AndesVLForConditionalGeneration", "AndesVLPreTrainedModel"]

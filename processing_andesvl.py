@@ -60,7 +60,7 @@ def _normalize_part(part: Any, index: int) -> dict[str, Any]:
         return {"type": "image", "url": url}
     if kind == "text" and isinstance(part.get("text"), str):
         return part
-    if kind == "image" and any(part.get(key) is not None for key in IMAGE_SOURCE_KEYS):
+    if kind == "image":  # with a source, or a bare marker for processor(text=..., images=...) calls
         return part
     raise ValueError(
         f"Message {index} has an unsupported content part {part!r:.120}; expected {{'type': 'text', 'text': str}}, "

@@ -26,6 +26,7 @@ REMOTE_CODE_FILES = (
     "modeling_andesvl.py",
     "image_processing_andesvl.py",
     "processing_andesvl.py",
+    "quantization_andesvl.py",
 )
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -9,6 +9,7 @@ Run in both supported transformers lines (CPU only, offline):
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import re
 import struct
@@ -241,6 +242,16 @@ def test_template_two_images(processor):
     assert render(processor, messages, add_generation_prompt=True) == expected
 
 
+def test_template_image_placeholder_without_source(processor):
+    """The common transformers idiom: render `{"type": "image"}` placeholders, then pass the images to the processor."""
+    messages = user({"type": "image"}, "What is this?")
+    prompt = render(processor, messages, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\n<image>What is this?<|im_end|>\n<|im_start|>assistant\n"
+    image = random_image(64, 64)
+    reference = encode(processor, user({"type": "image", "image": image}, "What is this?"))
+    assert_same_inputs(processor(text=prompt, images=image, return_tensors="pt"), reference)
+
+
 def test_template_system_prompt(processor):
     messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"}]
     expected = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -326,10 +337,18 @@ def test_remote_refusal_names_the_processor_option(processor):
     assert "allow_remote_images" in str(error.value)
 
 
-def test_remote_url_opt_in_fails_cleanly(processor):
+@pytest.mark.parametrize("opt_in", ["processor-option", "call-argument"])
+def test_remote_url_opt_in_fails_cleanly(processor, opt_in):
+    """With the opt-in, a fetch is attempted: a closed local port gives a clear ValueError quickly, not a hang."""
+    url = "http://127.0.0.1:9/x.png"  # discard port: nothing listens
     start = time.monotonic()
     with pytest.raises(ValueError, match="Could not fetch"):
-        encode(processor, user({"type": "image", "url": "http://127.0.0.1:9/x.png"}, "hi"), allow_remote_images=True)
+        if opt_in == "processor-option":
+            remote = copy.copy(processor)
+            remote.allow_remote_images = True
+            encode(remote, user({"type": "image", "url": url}, "hi"))
+        else:
+            processor(text="<image>", images=url, allow_remote_images=True)
     assert time.monotonic() - start < 10
 
 
@@ -393,7 +412,7 @@ def test_zero_area_array_rejected(processor):
 def test_array_and_tensor_images_accepted(processor, kind):
     """The processor's docstring promises arrays and tensors; they must give the same inputs as the PIL image."""
     image = random_image(70, 50, seed=5)
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
     value = array if kind == "numpy-hwc" else torch.from_numpy(array).permute(2, 0, 1)
     expected = processor(text="<image>", images=image, return_tensors="pt")
     assert_same_inputs(processor(text="<image>", images=value, return_tensors="pt"), expected)
@@ -408,8 +427,10 @@ def test_decompression_bomb_header_rejected(processor, tmp_path, source):
         processor(text="<image>", images=image)
 
 
-def test_max_image_pixels_override(tiny_repos, tmp_path):
-    strict = load_processor(tiny_repos["aimv2"], max_image_pixels=10_000)
+def test_max_image_pixels_override(processor, tmp_path):
+    strict = copy.copy(processor)
+    strict.image_processor = copy.copy(processor.image_processor)
+    strict.image_processor.max_image_pixels = 10_000
     random_image(200, 200).save(tmp_path / "big.png")
     for image in (random_image(200, 200), str(tmp_path / "big.png")):
         with pytest.raises(ValueError, match="max_image_pixels"):
@@ -475,14 +496,17 @@ def test_decode_helpers(processor):
     assert processor.post_process_image_text_to_text(torch.tensor([ids])) == ["Hello world"]
 
 
-def test_save_pretrained_round_trip(tiny_processor, tmp_path):
-    tiny_processor.save_pretrained(tmp_path)
+def test_save_pretrained_round_trip(tiny_repos, tmp_path):
+    """SigLIP2's processor: its non-default settings (patch 16, mean/std 0.5) are the ones a round trip could lose."""
+    original = load_processor(tiny_repos["siglip2"])
+    original.save_pretrained(tmp_path)
     reloaded = load_processor(tmp_path)
     assert type(reloaded).__name__ == "AndesVLProcessor"
     assert type(reloaded.image_processor).__name__ == "AndesVLImageProcessor"
-    assert reloaded.chat_template == tiny_processor.chat_template
-    assert reloaded.image_processor.to_dict() == tiny_processor.image_processor.to_dict()
+    assert reloaded.chat_template == original.chat_template
+    assert reloaded.image_processor.to_dict() == original.image_processor.to_dict()
+    assert reloaded.image_processor.patch_size == 16 and reloaded.image_processor.image_mean == [0.5] * 3
     messages = user({"type": "image", "image": random_image(120, 70, seed=9)}, "What is shown?")
-    assert_same_inputs(encode(reloaded, messages), encode(tiny_processor, messages))
+    assert_same_inputs(encode(reloaded, messages), encode(original, messages))
     options = {"text": "x <image>", "images": random_image(448, 448), "return_tensors": "pt", **EVAL_MODE}
-    assert_same_inputs(reloaded(**options), tiny_processor(**options))
+    assert_same_inputs(reloaded(**options), original(**options))
