@@ -40,10 +40,11 @@ SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def check_bits(bits: int) -> int:
+def qmax_for(bits: int) -> int:
+    """Largest code of a `bits`-wide symmetric quantizer (codes span [-qmax-1, qmax]); rejects unsupported widths."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {SUPPORTED_BITS}.")
-    return 2 ** (bits - 1) - 1  # qmax
+    return 2 ** (bits - 1) - 1
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
@@ -64,7 +65,7 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown quantization keys {unknown}; expected a subset of {list(SPEC_KEYS)}.")
     bits, group_size = spec.get("bits", 4), spec.get("group_size", DEFAULT_GROUP_SIZE)
-    check_bits(bits)
+    qmax_for(bits)
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size={group_size!r} must be a positive integer.")
     modules = spec.get("modules", DEFAULT_MODULES)
@@ -85,7 +86,7 @@ def quantize_weight(
     weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (codes int8 [out, in], scales `scale_dtype` [out, in/group_size])."""
-    qmax = check_bits(bits)
+    qmax = qmax_for(bits)
     out_features, in_features = weight.shape
     check_group_size(in_features, group_size)
     scale_dtype = scale_dtype_of(scale_dtype)
@@ -118,8 +119,8 @@ def dequantize_weight(
 class _StraightThroughFakeQuantize(torch.autograd.Function):
     """Forward: the exact dequantized weight. Backward: the identity (straight-through estimator).
 
-    `w + (fq - w).detach()` would also pass gradients, but its value is `w + fl(fq - w)`, which is not guaranteed to
-    round back to `fq` bit for bit; a custom Function returns `fq` itself.
+    `w + (fq - w).detach()` also passes gradients, but it equals `fq` bit for bit only because `fq - w` happens to be
+    exact in floating point here (Sterbenz's lemma); this Function returns `fq` itself by construction.
     """
 
     @staticmethod
@@ -160,14 +161,35 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class NoFloatWeight:
+    """What `AndesVLQuantizedLinear.weight` returns: not a tensor, so nothing can be read from or merged into it.
+
+    Metadata answers like a float weight's: peft reads `weight` of every `nn.Linear` it wraps (a DTensor check, then
+    `.device` / `.dtype` to place and cast the LoRA layers), and model code may do `x.to(linear.weight.dtype)`; the
+    dtype is the layer's compute dtype, which follows `.to(dtype)`. Reading data, e.g. `.data` in peft's
+    `merge_adapter()` / `merge_and_unload()`, raises an AttributeError that says why.
+    """
+
+    def __init__(self, layer: AndesVLQuantizedLinear):
+        self.device, self.dtype = layer.qweight.device, layer.dtype_anchor.dtype
+        self.shape = torch.Size((layer.out_features, layer.in_features))
+        self._description = f"{layer.bits}-bit, group_size={layer.group_size}"
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"AndesVLQuantizedLinear ({self._description}) has no float weight (asked for `weight.{name}`); use "
+            "`dequantized_weight(dtype)`. Merging a LoRA adapter into the quantized base (peft `merge_adapter`, "
+            "`merge_and_unload`) is not supported: keep adapters unmerged, or merge into the float model and quantize "
+            "again."
+        )
+
+
 class AndesVLQuantizedLinear(nn.Linear):
     """Weight-only quantized linear layer: persistent buffers `qweight` and `scales`, an optional float `bias`.
 
     It subclasses `nn.Linear` only so that peft's LoRA dispatch (`isinstance(base_layer, nn.Linear)`) wraps it with the
-    standard `lora.Linear`; peft then finds its device through `qweight` (after `weight`, which is absent). There is no
-    float `weight`: reading it raises, so peft's `merge_adapter()` / `merge_and_unload()` fail with that message
-    instead of writing into a tensor that is not saved. Keep adapters unmerged, or merge into the float model and
-    re-quantize.
+    standard `lora.Linear`. There is no float `weight` parameter: `weight` is a `NoFloatWeight` stub (see there), so
+    peft can place adapters, and merging into this layer fails with a clear message instead of corrupting anything.
     """
 
     def __init__(
@@ -181,7 +203,7 @@ class AndesVLQuantizedLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        check_bits(bits)
+        qmax_for(bits)
         check_group_size(in_features, group_size)
         if bits == 4 and in_features % 2:
             raise ValueError(f"int4 packing needs an even in_features, got {in_features}.")
@@ -194,6 +216,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         scales_shape = (out_features, in_features // group_size)
         self.register_buffer("scales", torch.zeros(scales_shape, dtype=scale_dtype_of(scale_dtype), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # Zero-size and not saved: it follows `.to(dtype)` casts, so `weight.dtype` reports the compute dtype.
+        self.register_buffer("dtype_anchor", torch.empty(0, dtype=dtype, device=device), persistent=False)
         # transformers' `_init_weights` (ours and Qwen3's) would draw `module.weight` for every nn.Linear: this layer's
         # state is loaded from the checkpoint, never drawn, so mark it initialised (both 4.x and 5.x skip it).
         self._is_hf_initialized = True
@@ -216,15 +240,9 @@ class AndesVLQuantizedLinear(nn.Linear):
     def reset_parameters(self) -> None:
         """Nothing to draw: the state is the checkpoint's (`nn.Linear.__init__` calls this)."""
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "weight":
-            raise AttributeError(
-                f"{type(self).__name__} ({self.bits}-bit, group_size={self.group_size}) has no float `weight`; use "
-                "`dequantized_weight(dtype)`. Merging a LoRA adapter into a quantized base (peft `merge_adapter`, "
-                "`merge_and_unload`) is not supported: keep the adapter unmerged, or merge into the float model "
-                "and quantize again."
-            )
-        return super().__getattr__(name)
+    @property
+    def weight(self) -> NoFloatWeight:
+        return NoFloatWeight(self)
 
     def _apply(self, fn, recurse: bool = True):
         # `.to(dtype)`, `.half()`, `.bfloat16()` would round the scales and break bit-exactness with QALFT: follow
@@ -246,7 +264,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
+        quantization = f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
+        return f"{super().extra_repr()}, {quantization}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,7 +290,9 @@ def select_linear_modules(model: nn.Module, modules: str) -> list[tuple[str, nn.
         )
     already = [name for name, module in selected if isinstance(module, AndesVLQuantizedLinear)]
     if already:
-        raise ValueError(f"{len(already)} of the {len(selected)} selected modules are already quantized: {already[:3]}.")
+        raise ValueError(
+            f"{len(already)} of the {len(selected)} selected modules are already quantized, e.g. {already[:3]}."
+        )
     return selected
 
 
@@ -320,7 +341,8 @@ def quantize_model(
     Bits per weight count the scales (int4, group 64, fp16 scales: 4 + 16/64 = 4.25); biases stay float and are
     left out of the quantized-module figure but included in the whole-model one (bytes after / elements before).
     """
-    spec = normalize_spec({"bits": bits, "group_size": group_size, "modules": modules_regex, "scale_dtype": scale_dtype})
+    spec = {"bits": bits, "group_size": group_size, "modules": modules_regex, "scale_dtype": scale_dtype}
+    spec = normalize_spec(spec)
     selected = select_linear_modules(model, spec["modules"])
     check_groups(selected, spec["group_size"])
     bytes_before, elements_before = state_bytes(model)
@@ -349,15 +371,6 @@ def quantize_model(
 
 
 __all__ = [
-    "AndesVLQuantizedLinear",
-    "DEFAULT_GROUP_SIZE",
-    "DEFAULT_MODULES",
-    "dequantize_weight",
-    "fake_quantize",
-    "normalize_spec",
-    "pack_int4",
-    "quantize_model",
-    "quantize_weight",
-    "replace_linear_with_quantized",
-    "unpack_int4",
+    "AndesVLQuantizedLinear", "DEFAULT_GROUP_SIZE", "DEFAULT_MODULES", "dequantize_weight", "fake_quantize",
+    "normalize_spec", "pack_int4", "quantize_model", "quantize_weight", "replace_linear_with_quantized", "unpack_int4",
 ]

@@ -1,0 +1,320 @@
+"""Weight-only quantization (`quantization_andesvl.py`, `scripts/quantize.py`) and QALFT's fake quantizer.
+
+The quantized base of "1+N LoRA" must be bit-identical to what QALFT trains against, load through the Auto classes
+with zero missing/unexpected keys, and take plain peft LoRA adapters. Tiny random repos from conftest; CPU only.
+Run: `.venv/tf4/bin/python -m pytest tests/test_quantization.py -q` (and the same with `.venv/tf5`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import build_repo
+import pytest
+import quantize
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, load_model, packed_inputs
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+_spec = importlib.util.spec_from_file_location("quantization_andesvl", ROOT / "quantization_andesvl.py")
+qz = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qz)
+
+GROUP = 64
+# Max |logit difference| / std(float logits) on the fixed input, measured on the tiny random repos: int8 ~0.05, int4
+# ~0.9 (random 64-wide layers have no outliers to protect, so int4's 18x coarser step (127/7) shows fully). The bounds
+# leave ~2x headroom; a wrong scale, group order or packing gives differences of many stds.
+RELATIVE_LOGIT_TOLERANCE = {8: 0.1, 4: 1.8}
+
+
+def random_weight(out_features: int, in_features: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian weights with an all-zero group and an outlier, the two edge cases of amax scaling."""
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05
+    weight[0, :GROUP] = 0.0
+    weight[1, 3] = 2.0
+    return weight.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def cached_model():
+    """Load each folder once for the read-only tests (tests that change a model load their own)."""
+    models = {}
+
+    def load(folder):
+        if folder not in models:
+            models[folder] = load_model(folder)
+        return models[folder]
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def quantize_tiny(tiny_repos, tmp_path_factory):
+    """Run scripts/quantize.py once per (encoder, bits): returns (source folder, quantized folder, CLI report)."""
+    runs = {}
+
+    def run(vision_type: str, bits: int):
+        if (vision_type, bits) not in runs:
+            source = tiny_repos[vision_type]
+            output = tmp_path_factory.mktemp("quantized") / f"{source.name}-int{bits}"
+            report = quantize.main(["--model", str(source), "--output", str(output), "--bits", str(bits)])
+            runs[vision_type, bits] = source, output, report
+        return runs[vision_type, bits]
+
+    return run
+
+
+def quantized_names(model) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "qweight")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The quantizer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_trip_error_is_at_most_half_a_step(bits, scale_dtype):
+    weight = random_weight(48, 256)
+    codes, scales = qz.quantize_weight(weight, bits, GROUP, scale_dtype)
+    assert codes.dtype == torch.int8 and codes.shape == (48, 256)
+    assert scales.dtype == getattr(torch, scale_dtype) and scales.shape == (48, 256 // GROUP)
+    qmax = 2 ** (bits - 1) - 1
+    assert int(codes.min()) >= -qmax - 1 and int(codes.max()) <= qmax and int(codes.abs().max()) == qmax
+    step = scales.float().repeat_interleave(GROUP, dim=1)  # [out, in]
+    error = (weight - qz.dequantize_weight(codes, scales, GROUP)).abs()
+    assert bool((error <= step / 2 * (1 + 1e-6)).all())
+    assert bool((codes[0, :GROUP] == 0).all()) and bool(torch.isfinite(scales).all())  # the all-zero group
+
+
+def test_int4_pack_unpack_is_exact_and_takes_half_a_byte_per_weight():
+    codes = torch.randint(-8, 8, (6, 40), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = qz.pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 20)
+    assert torch.equal(qz.unpack_int4(packed), codes)
+    assert qz.pack_int4(torch.tensor([[-1, 7, -8, 0]], dtype=torch.int8)).tolist() == [[0x7F, 0x08]]
+    layer = qz.AndesVLQuantizedLinear.from_linear(nn.Linear(128, 16, bias=False), bits=4, group_size=GROUP)
+    assert layer.qweight.nbytes == 128 * 16 // 2 and layer.scales.nbytes == 16 * 2 * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quantize_forward_is_exactly_the_dequantized_weight(bits, dtype):
+    weight = random_weight(32, 128, dtype=dtype)
+    expected = qz.dequantize_weight(*qz.quantize_weight(weight, bits, GROUP), GROUP, dtype)
+    fake = qz.fake_quantize(weight, bits, GROUP)
+    assert fake.dtype == dtype and torch.equal(fake, expected)
+    layer = qz.AndesVLQuantizedLinear.from_linear(_linear_with(weight), bits, GROUP)
+    inputs = torch.randn(3, 128).to(dtype)
+    assert torch.equal(layer(inputs), F.linear(inputs, fake))  # deployed forward == QALFT forward
+
+
+def _linear_with(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False).to(weight.dtype)
+    linear.weight.data.copy_(weight)
+    return linear
+
+
+def test_fake_quantize_passes_gradients_straight_through():
+    weight = random_weight(16, 128).requires_grad_()
+    inputs = torch.randn(5, 128, requires_grad=True)
+    upstream = torch.randn(16, 128)
+    qz.fake_quantize(weight, 4, GROUP).backward(upstream)
+    assert torch.equal(weight.grad, upstream)  # STE: d fake_quantize(w) / dw = identity
+
+    weight.grad = None
+    grad_output = torch.randn(5, 16)
+    F.linear(inputs, qz.fake_quantize(weight, 4, GROUP)).backward(grad_output)
+    reference_inputs = inputs.detach().clone().requires_grad_()
+    fake = qz.fake_quantize(weight.detach(), 4, GROUP)
+    F.linear(reference_inputs, fake).backward(grad_output)
+    assert torch.equal(inputs.grad, reference_inputs.grad)  # the input sees the fake-quantized weight
+    assert torch.equal(weight.grad, grad_output.T @ inputs.detach())  # and w gets what the fake weight got
+
+
+def test_bad_specs_raise_clear_errors(tiny_repos, cached_model):
+    weight = random_weight(8, 128)
+    with pytest.raises(ValueError, match=r"bits=3 is not supported"):
+        qz.quantize_weight(weight, 3, GROUP)
+    with pytest.raises(ValueError, match=r"group_size=48 .*in_features=128"):
+        qz.quantize_weight(weight, 4, 48)
+    with pytest.raises(ValueError, match=r"Unknown quantization keys \['bit'\]"):
+        qz.normalize_spec({"bit": 4})
+    with pytest.raises(ValueError, match=r"scale_dtype='float8'"):
+        qz.normalize_spec({"scale_dtype": "float8"})
+    model = cached_model(tiny_repos["aimv2"])  # both errors are raised before anything is replaced
+    with pytest.raises(ValueError, match=r"matches none of the model's \d+ nn.Linear modules"):
+        qz.quantize_model(model, modules_regex=r"vision_tower\..*")
+    with pytest.raises(ValueError, match=r"group_size=48 does not divide in_features of 14 of the 14 selected"):
+        qz.quantize_model(model, group_size=48)
+    with pytest.raises(ValueError, match=r"amax/7.5"):
+        quantize.resolve_backend("torchao")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# scripts/quantize.py on tiny repos
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[("aimv2", 4), ("aimv2", 8), ("siglip2", 4)], ids=lambda p: f"{p[0]}-int{p[1]}")
+def quantized(request, quantize_tiny):
+    """(source folder, quantized folder, CLI report) for one encoder and bit width."""
+    return quantize_tiny(*request.param)
+
+
+def test_cli_writes_a_complete_folder_that_loads_cleanly_and_generates(quantized):
+    source, output, report = quantized
+    for path in source.iterdir():
+        if not quantize.is_weight_file(path):
+            assert (output / path.name).exists(), path.name
+    config = json.loads((output / "config.json").read_text())
+    assert config["quantization"] == {"bits": report["bits"], "group_size": GROUP, "modules": qz.DEFAULT_MODULES,
+                                      "scale_dtype": "float16"}
+    assert json.loads((output / quantize.REPORT_NAME).read_text())["check"] == report["check"]
+
+    model, info = AutoModel.from_pretrained(output, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
+    assert len(quantized_names(model)) == report["quantized_modules"] == 14  # 2 layers x 7 projections
+    inputs = packed_inputs(model.config, [(4, 4)])
+    generated = model.eval().generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert len(report["check"]["greedy_tokens_quantized"]) == 4
+
+
+def test_quantized_logits_stay_close_to_the_float_model(quantized, cached_model):
+    source, output, report = quantized
+    float_model, quantized_model = cached_model(source), cached_model(output)
+    inputs = packed_inputs(float_model.config, [(4, 4), (2, 6)], seed=1)
+    with torch.no_grad():
+        expected, actual = float_model(**inputs).logits, quantized_model(**inputs).logits
+    relative = (actual - expected).abs().max() / expected.std()
+    assert 0 < relative < RELATIVE_LOGIT_TOLERANCE[report["bits"]]
+    assert 0 < report["check"]["relative_logit_diff"] < RELATIVE_LOGIT_TOLERANCE[report["bits"]]
+
+
+def test_fake_quantize_equals_the_saved_model_bit_for_bit(quantized, cached_model):
+    source, output, report = quantized
+    float_model, quantized_model = cached_model(source), cached_model(output)
+    for name in quantized_names(quantized_model):
+        weight = float_model.get_submodule(name).weight
+        fake = qz.fake_quantize(weight, report["bits"], GROUP, "float16")
+        assert torch.equal(quantized_model.get_submodule(name).dequantized_weight(torch.float32), fake), name
+
+
+def test_bits_per_weight_and_sizes_count_the_scales(quantized):
+    _, output, report = quantized
+    assert report["bits_per_weight_quantized_modules"] == report["bits"] + 16 / GROUP  # int4 g64 fp16 -> 4.25
+    assert report["model_bytes_before"] - report["model_bytes_after"] == (
+        report["quantized_modules_bytes_before"] - report["quantized_modules_bytes_after"]
+    )
+    assert report["quantized_modules_bytes_after"] * 8 == report["quantized_weights"] * (report["bits"] + 16 / GROUP)
+    assert report["weights_on_disk_after"] < report["weights_on_disk_before"]
+    assert report["backend"] == "torch"
+
+
+def test_vision_tower_projector_and_lm_head_stay_float(quantized, cached_model):
+    _, output, _ = quantized
+    model = cached_model(output)
+    names = quantized_names(model)
+    assert names and all(name.startswith("language_model.model.layers.") for name in names)
+    for name, module in model.named_modules():
+        if name.startswith(("vision_encoder", "mlp")) and isinstance(module, nn.Linear):
+            assert not hasattr(module, "qweight") and module.weight.is_floating_point(), name
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert type(lm_head) is nn.Linear and lm_head.weight is embed.weight  # still tied
+    assert qz.DEFAULT_MODULES == model.default_lora_target_modules  # the quantized layers are the LoRA targets
+
+
+def test_meta_build_of_a_quantized_config_matches_the_checkpoint(quantized):
+    _, output, _ = quantized  # build_repo's key/shape check builds the model from config.json on the meta device
+    assert build_repo.verify_checkpoint(output, output)["checked_keys"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The quantized base in use: dtype moves, bf16 save/load, plain peft LoRA
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_bf16_model_quantized_saved_and_reloaded_matches_fake_quantize(tiny_repos, tmp_path):
+    model = load_model(tiny_repos["siglip2"], dtype=torch.bfloat16)
+    selected = qz.select_linear_modules(model, qz.DEFAULT_MODULES)
+    weights = {name: linear.weight.detach().clone() for name, linear in selected}
+    quantize.quantization_module(model).quantize_model(model, bits=4)
+    model.save_pretrained(tmp_path)
+    quantize.copy_non_weight_files(tiny_repos["siglip2"], tmp_path)
+    quantize.write_config(tiny_repos["siglip2"], tmp_path, model.config.quantization)
+    reloaded = load_model(tmp_path, dtype=torch.bfloat16)
+    for name, weight in weights.items():
+        layer = reloaded.get_submodule(name)
+        assert layer.scales.dtype == torch.float16  # not cast to the model dtype on load
+        fake = qz.fake_quantize(weight, 4, GROUP)
+        assert torch.equal(layer.dequantized_weight(torch.bfloat16), fake), name
+        inputs = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
+        assert torch.equal(layer(inputs), F.linear(inputs, fake)), name
+
+
+def test_dtype_moves_keep_codes_and_scales(quantize_tiny):
+    _, output, _ = quantize_tiny("aimv2", 4)
+    model = load_model(output)
+    layer = model.get_submodule(quantized_names(model)[0])
+    qweight, scales = layer.qweight.clone(), layer.scales.clone()
+    model.to(torch.bfloat16)  # a float16 -> bfloat16 cast would round the scales
+    assert torch.equal(layer.qweight, qweight) and torch.equal(layer.scales, scales)
+    assert layer.scales.dtype == torch.float16 and model.dtype == torch.bfloat16
+    assert layer.weight.dtype == torch.bfloat16 and layer.weight.shape == (layer.out_features, layer.in_features)
+    inputs = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(inputs), F.linear(inputs, layer.dequantized_weight(torch.bfloat16)))
+    with pytest.raises(AttributeError, match="no float weight"):
+        layer.weight.data  # noqa: B018
+
+
+def test_plain_peft_lora_on_the_quantized_base(quantize_tiny, tmp_path):
+    _, output, _ = quantize_tiny("aimv2", 4)  # int8 layers are the same class; only the code unpacking differs
+    model = load_model(output)
+    inputs = packed_inputs(model.config, [(4, 4)])
+    with torch.no_grad():
+        base = model(**inputs).logits
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=qz.DEFAULT_MODULES, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    assert len([name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]) == 14
+    with torch.no_grad():
+        adapted = peft_model(**inputs).logits
+        assert not torch.allclose(adapted, base)
+        with peft_model.disable_adapter():
+            assert torch.equal(peft_model(**inputs).logits, base)
+
+    peft_model.train()
+    peft_model(**inputs).logits.float().pow(2).mean().backward()
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable.values())
+    assert all(p.grad is None for name, p in peft_model.named_parameters() if "lora_" not in name)
+
+    peft_model.eval()
+    with pytest.raises(AttributeError, match=r"Merging a LoRA adapter into the quantized base .* not supported"):
+        peft_model.merge_adapter()
+    with torch.no_grad():
+        assert torch.equal(peft_model(**inputs).logits, adapted)  # the failed merge changed nothing
+
+    peft_model.save_pretrained(tmp_path / "adapters" / "qa")
+    with torch.no_grad():
+        wrapped = PeftModel.from_pretrained(load_model(output), tmp_path, subfolder="adapters/qa")
+        assert torch.equal(wrapped(**inputs).logits, adapted)
+        integrated = load_model(output)
+        integrated.load_adapter(str(tmp_path / "adapters" / "qa"), adapter_name="qa")
+        integrated.set_adapter("qa")
+        assert torch.equal(integrated(**inputs).logits, adapted)
+
+
+def test_config_field_round_trips(quantized):
+    _, output, report = quantized
+    config = AutoConfig.from_pretrained(output, trust_remote_code=True)
+    assert config.quantization["bits"] == report["bits"]
+    assert config.to_dict()["quantization"] == config.quantization
+    assert type(config)(**config.to_dict()).quantization == config.quantization
