@@ -43,12 +43,12 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from quantize import quantization_module  # sibling script: the deployed quantizer's module
 from torch import nn
 
 IGNORE_INDEX = -100
@@ -317,14 +317,6 @@ class FakeQuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scale_dtype}"
-
-
-def quantization_module(model: nn.Module):
-    """The `quantization_andesvl` module of the remote code the model was loaded with (what deployment runs)."""
-    name = type(model).__module__.rpartition(".")[0] + ".quantization_andesvl"
-    if name not in sys.modules:
-        raise ValueError(f"The remote code of {model.name_or_path} has no quantization_andesvl.py; --qalft needs it.")
-    return sys.modules[name]
 
 
 def qalft_spec(args: argparse.Namespace, quantization) -> dict[str, Any]:
@@ -666,8 +658,9 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict[str, Any]
     processor = load_processor(args.model)
     model = load_base_model(args)
     args.target_modules = args.target_modules or model.default_lora_target_modules
-    qalft = qalft_spec(args, quantization_module(model)) if args.qalft else None
-    qalft_modules = apply_qalft(model, qalft, quantization_module(model)) if qalft else []
+    quantization = quantization_module(model) if args.qalft else None
+    qalft = qalft_spec(args, quantization) if args.qalft else None
+    qalft_modules = apply_qalft(model, qalft, quantization) if qalft else []
     if training_args.should_save:
         print(json.dumps(resolved_args(args), indent=2))
         write_json(args.work_dir / ARGS_NAME, resolved_args(args))
