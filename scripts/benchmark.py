@@ -26,13 +26,17 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import gc
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +47,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM,
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "vision", "prefill")
+SECTIONS = ("decode", "vision", "prefill", "adapters", "quant")
 IMAGE_START_ID, IMAGE_END_ID = 151652, 151653
 TEXT_VOCAB_LIMIT = 151643  # ordinary BPE ids; the special tokens start here
 
@@ -96,6 +100,19 @@ NOTES = {
     "(one image) / one-image prefill. peak_rss_mb is the process high-water mark over the section, reset at its "
     "start via /proc/self/clear_refs when the kernel allows (else the process-lifetime ru_maxrss), so it includes "
     "model construction; peak_rss_mb_inference is reset after construction (resident weights + activations).",
+    "adapters": "Two non-trivial LoRA adapters (init_lora_weights=False, rank --lora-rank, default targets) on the "
+    "same 0.6B-shaped model. switch: set_adapter() alternating between the two resident adapters (per switch) vs "
+    "reloading the base from a saved folder plus one adapter (AutoModelForImageTextToText + PeftModel.from_pretrained, "
+    "as a server without resident adapters would). memory_per_resident_adapter_mb counts the LoRA parameters of one "
+    "adapter; rss_delta_two_adapters_mb is the process RSS growth when both are added. mixed_batch: 4 text-only rows "
+    "with adapter_names ['ocr', 'gui', '__base__', 'ocr'] in one generate() vs one generate() per adapter group "
+    "(set_adapter / disable_adapter between them); throughput = generated tokens / wall time.",
+    "quant": "The same 0.6B-shaped model in fp32, bf16 (.to), and weight-only int8 / int4 (quantization_andesvl."
+    "quantize_model, group 64, fp16 scales, language-model projections only; the torch backend dequantizes each "
+    "layer's weight on the fly in every forward). Decode tokens/s as in 'decode' (text-only prompt). "
+    "decode_weight_mb_per_token = bytes one decode step must read (decoder layers + final norm + the tied LM head in "
+    "full); roofline_tokens_per_s = measured read bandwidth (sum over a 512 MB fp32 tensor) / those bytes; "
+    "fraction_of_roofline = measured / roofline.",
 }
 
 
@@ -113,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="New tokens per generate() in `decode` (default 32; 8 with --quick).",
     )
     parser.add_argument("--prompt-tokens", type=int, default=32, help="Text tokens in the prompt (besides images).")
+    parser.add_argument("--lora-rank", type=int, default=16, help="Rank of the two benchmark LoRA adapters.")
     parser.add_argument("--quick", action="store_true", help="Tiny widths/depths and small images: a smoke test.")
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}."
@@ -429,6 +447,173 @@ def time_prefill(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 1+N adapters and the quantized base
+# ----------------------------------------------------------------------------------------------------------------------
+
+ADAPTER_NAMES = ("ocr", "gui")
+
+
+def add_lora_adapters(model: torch.nn.Module, rank: int, seed: int):
+    """A PeftModel with non-trivial (B != 0) adapters named ADAPTER_NAMES on the default LoRA targets."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                        target_modules=model.default_lora_target_modules)
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAMES[0])
+    for name in ADAPTER_NAMES[1:]:
+        peft_model.add_adapter(name, config)
+    return peft_model.eval()
+
+
+def adapter_bytes(model: torch.nn.Module, name: str) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".{name}." in n)
+
+
+def time_switch_vs_reload(peft_model, folder: Path, repeats: int) -> dict[str, Any]:
+    """set_adapter() between two resident adapters vs loading the base from disk again (+ its adapter)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    def switch() -> float:
+        return timed(lambda: [peft_model.set_adapter(name) for name in ADAPTER_NAMES]) / len(ADAPTER_NAMES)
+
+    def reload() -> float:
+        def load():
+            base = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+            PeftModel.from_pretrained(base, folder / "adapters" / ADAPTER_NAMES[0])
+        return timed(load)
+
+    samples = run_interleaved({"set_adapter": switch, "reload": reload}, repeats)
+    return {name: summary(values) for name, values in samples.items()} | {
+        "ratio_reload_over_set_adapter": statistics.median(samples["reload"]) / statistics.median(samples["set_adapter"])
+    }
+
+
+def time_mixed_batch(peft_model, text_length: int, new_tokens: int, repeats: int, seed: int) -> dict[str, Any]:
+    """4 rows, each with its own adapter (or the base), in one generate() vs one generate() per adapter group."""
+    rows = ["ocr", "gui", "__base__", "ocr"]
+    ids = torch.cat([text_prompt_ids(text_length, seed + row) for row in range(len(rows))])
+    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+
+    def mixed() -> float:
+        return timed(lambda: peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                 adapter_names=rows, **kwargs))
+
+    def grouped() -> float:
+        def run():
+            for name in dict.fromkeys(rows):
+                index = [i for i, row in enumerate(rows) if row == name]
+                peft_model.set_adapter(name) if name != "__base__" else None
+                context = peft_model.disable_adapter() if name == "__base__" else contextlib.nullcontext()
+                with context:
+                    peft_model.generate(input_ids=ids[index], attention_mask=torch.ones_like(ids[index]), **kwargs)
+        return timed(run)
+
+    samples = run_interleaved({"mixed_batch": mixed, "adapter_by_adapter": grouped}, repeats)
+    tokens = len(rows) * new_tokens
+    throughput = {name: tokens / statistics.median(values) for name, values in samples.items()}
+    return {
+        "rows": rows, "new_tokens_per_row": new_tokens, "prompt_tokens": text_length,
+        "seconds": {name: summary(values) for name, values in samples.items()},
+        "tokens_per_s": throughput,
+        "ratio_mixed_over_adapter_by_adapter_throughput": throughput["mixed_batch"] / throughput["adapter_by_adapter"],
+    }
+
+
+def time_adapters(args: argparse.Namespace) -> dict[str, Any]:
+    vision, text = (QUICK_VISION, QUICK_TEXT) if args.quick else (FULL_VISION, FULL_TEXT)
+    model = build_andesvl(vision, text, "sdpa", args.seed)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "AndesVL-bench"
+        save_loadable(model, folder)
+        rss_base = current_rss_mb()
+        peft_model = add_lora_adapters(model, rank=args.lora_rank, seed=args.seed)
+        rss_adapters = current_rss_mb()
+        peft_model.save_pretrained(folder / "adapters")  # non-default adapter names go to adapters/<name>/
+        switch = time_switch_vs_reload(peft_model, folder, args.repeats)
+    mixed = time_mixed_batch(peft_model, args.prompt_tokens, max(4, args.decode_tokens // 2), args.repeats, args.seed)
+    per_adapter = {name: adapter_bytes(peft_model, name) for name in ADAPTER_NAMES}
+    return {
+        "lora_rank": args.lora_rank, "base_parameter_mb": base_bytes / 2**20,
+        "memory_per_resident_adapter_mb": {name: size / 2**20 for name, size in per_adapter.items()},
+        "memory_per_resident_adapter_fraction_of_base": {name: size / base_bytes for name, size in per_adapter.items()},
+        "rss_delta_two_adapters_mb": rss_adapters - rss_base,
+        "switch": switch, "mixed_batch": mixed,
+    }
+
+
+def save_loadable(model: torch.nn.Module, folder: Path) -> None:
+    """save_pretrained plus the remote code and auto_map, so the Auto classes can load the folder."""
+    import build_repo  # sibling script: the repo's list of remote-code files and its auto_map
+
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"auto_map": build_repo.AUTO_MAP}))
+    for name in build_repo.REMOTE_CODE_FILES:
+        shutil.copy2(REPO_ROOT / name, folder / name)
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_bandwidth_gb_s(repeats: int, megabytes: int = 512) -> float:
+    """Sustained read bandwidth: median time of summing a `megabytes` fp32 tensor (larger than any cache)."""
+    data = torch.rand(megabytes * 2**20 // 4)
+    data.sum()
+    return data.numel() * 4 / statistics.median(timed(data.sum) for _ in range(max(3, repeats))) / 1e9
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: the language model's layers and norm, plus the (tied) LM head in full;
+    the embedding lookup reads one row and the vision tower does not run."""
+    language_model = model.language_model
+    tensors = {id(t): t for t in [*language_model.model.layers.parameters(), *language_model.model.layers.buffers(),
+                                  *language_model.model.norm.parameters(), language_model.lm_head.weight]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def quantized_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    quantize_model = get_class_from_dynamic_module("quantization_andesvl.quantize_model", str(REPO_ROOT))
+    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    for bits in (8, 4):
+        variants[f"int{bits}"] = copy.deepcopy(model)
+        quantize_model(variants[f"int{bits}"], bits=bits, group_size=64)
+    return variants
+
+
+def time_quant(args: argparse.Namespace) -> dict[str, Any]:
+    vision, text = (QUICK_VISION, QUICK_TEXT) if args.quick else (FULL_VISION, FULL_TEXT)
+    variants = quantized_variants(build_andesvl(vision, text, "sdpa", args.seed))
+    ids = text_prompt_ids(args.prompt_tokens, args.seed)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    tokens = max(4, args.decode_tokens // 2)
+    contenders = {name: (lambda m=model: generate_timing(m, inputs, tokens)["step_median_s"])
+                  for name, model in variants.items()}
+    samples = run_interleaved(contenders, args.repeats)
+    bandwidth = measure_bandwidth_gb_s(args.repeats)
+    result: dict[str, Any] = {"decode_tokens": tokens, "prompt_tokens": args.prompt_tokens,
+                              "memory_bandwidth_gb_s": bandwidth}
+    for name, model in variants.items():
+        per_token = statistics.median(samples[name])
+        weight_bytes = decode_weight_bytes(model)
+        roofline = bandwidth * 1e9 / weight_bytes
+        result[name] = {
+            "decode_tokens_per_s": 1 / per_token, "decode_s_per_token": summary(samples[name]),
+            "model_weight_mb": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20,
+            "decode_weight_mb_per_token": weight_bytes / 2**20,
+            "roofline_tokens_per_s": roofline, "fraction_of_roofline": (1 / per_token) / roofline,
+        }
+    for name in ("bf16", "int8", "int4"):
+        result[f"ratio_{name}_over_fp32_tokens_per_s"] = result[name]["decode_tokens_per_s"] / result["fp32"]["decode_tokens_per_s"]
+        result[f"ratio_{name}_over_fp32_weight_memory"] = result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -449,7 +634,8 @@ def environment_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_section(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    section = {"decode": time_decode, "vision": time_vision, "prefill": time_prefill}[name]
+    section = {"decode": time_decode, "vision": time_vision, "prefill": time_prefill, "adapters": time_adapters,
+               "quant": time_quant}[name]
     reset = reset_peak_rss()
     start = time.perf_counter()
     with torch.inference_mode():

@@ -51,3 +51,18 @@ def test_build_repo_cli_requires_a_size(capsys):
         build_repo.parse_args(["--output", "x"])
     with pytest.raises(ValueError, match="Unknown size '3B'"):
         build_repo.official_config("3B")
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    """Every section of scripts/benchmark.py runs and reports its ratios (tiny shapes; the numbers mean nothing)."""
+    import benchmark
+
+    output = tmp_path / "bench.json"
+    benchmark.main(["--quick", "--repeats", "1", "--decode-tokens", "4", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["decode"]["ratio_andesvl_over_qwen3"] > 0
+    assert all(report["vision"][res]["ratio_ours_over_siglip2"] > 0 for res in report["vision"] if "x" in res)
+    assert report["prefill"]["prefill_seconds_per_image"] > 0
+    assert report["adapters"]["switch"]["ratio_reload_over_set_adapter"] > 0
+    assert report["adapters"]["mixed_batch"]["ratio_mixed_over_adapter_by_adapter_throughput"] > 0
+    assert report["quant"]["int4"]["decode_weight_mb_per_token"] < report["quant"]["fp32"]["decode_weight_mb_per_token"]
