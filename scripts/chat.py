@@ -50,11 +50,8 @@ def load(args: argparse.Namespace):
     model = AutoModelForImageTextToText.from_pretrained(
         args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation
     ).eval()
-    if args.adapter:
-        model.load_adapter(str(Path(args.model) / "adapters" / args.adapter) if Path(args.model).is_dir() else args.model,
-                           adapter_name=args.adapter,
-                           adapter_kwargs={} if Path(args.model).is_dir() else {"subfolder": f"adapters/{args.adapter}"})
-        model.set_adapter(args.adapter)
+    if args.adapter:  # a scenario adapter shipped under adapters/<name>/ of the model repo
+        model.load_scenario_adapter(args.adapter)
     return model, processor
 
 

@@ -6,6 +6,7 @@ Run: `.venv/tf4/bin/python -m pytest tests/test_scripts.py -q` (and the same wit
 from __future__ import annotations
 
 import json
+import shutil
 
 import chat
 import pytest
@@ -30,6 +31,19 @@ def test_chat_cli_thinking_and_two_images(tiny_repo, tmp_path):
     chat.main(args)
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["answer"].startswith("<think>") and report["images"] == [str(DEMO_IMAGE)] * 2
+
+
+def test_chat_cli_with_a_scenario_adapter(tiny_repos, tmp_path):
+    from test_adapters import make_adapter
+
+    repo = tmp_path / "AndesVL-1B-tiny"
+    shutil.copytree(tiny_repos["aimv2"], repo)
+    make_adapter(repo, repo / "adapters" / "ocr", rank=4, seed=3)
+    common = ["--model", str(repo), "--image", str(DEMO_IMAGE), "--max-new-tokens", "4"]
+    chat.main(common + ["--adapter", "ocr", "--output", str(tmp_path / "ocr.json"), "Read it."])
+    assert json.loads((tmp_path / "ocr.json").read_text())["adapter"] == "ocr"
+    with pytest.raises(ValueError, match=r"Unknown adapter 'gui'.*\['ocr'\]"):
+        chat.main(common + ["--adapter", "gui", "Read it."])
 
 
 def test_build_repo_with_weights_verifies_and_copies(tiny_repos, tmp_path):
