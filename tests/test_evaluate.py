@@ -1,0 +1,148 @@
+"""scripts/evaluate.py: box parsing, IoU, answer normalization, the scorers, and a smoke run of main() on a tiny random
+repo with a scenario adapter and an int4 copy, over make_datasets.py --small data for all four tasks.
+
+Run: `.venv/tf4/bin/python -m pytest tests/test_evaluate.py -q` (and the same with `.venv/tf5`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import evaluate
+import make_datasets
+import pytest
+import quantize
+from test_adapters import make_adapter
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Unit tests
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, box",
+    [
+        ("<|box_start|>(12,34),(560,780)<|box_end|>", (12.0, 34.0, 560.0, 780.0)),
+        ("(12,34),(560,780)", (12.0, 34.0, 560.0, 780.0)),
+        ("The button is at ( 1, 2 ) , ( 3.5 ,4 ).", (1.0, 2.0, 3.5, 4.0)),
+        ("<|box_start|>(0,0),(1000,1000)<|box_end|> and (5,5),(6,6)", (0.0, 0.0, 1000.0, 1000.0)),
+    ],
+)
+def test_parse_box_with_and_without_tokens(text, box):
+    assert evaluate.parse_box(text) == box
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "(1,2)", "(1,2),(3)", "<|box_start|>(a,b),(c,d)<|box_end|>", None])
+def test_parse_box_garbage_is_none(text):
+    assert evaluate.parse_box(text) is None
+
+
+def test_box_iou():
+    assert evaluate.box_iou((10, 10, 50, 50), (10, 10, 50, 50)) == 1.0
+    assert evaluate.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert evaluate.box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching edges
+    # 10x10 boxes shifted by 5 in x: intersection 50, union 150
+    assert evaluate.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    # a box inside another: 25 / 100
+    assert evaluate.box_iou((0, 0, 10, 10), (0, 0, 5, 5)) == pytest.approx(0.25)
+    assert evaluate.box_iou((5, 5, 5, 5), (5, 5, 5, 5)) == 0.0  # empty boxes
+    assert evaluate.box_iou((10, 10, 0, 0), (0, 0, 10, 10)) == 0.0  # inverted box
+
+
+@pytest.mark.parametrize(
+    "raw, normalized",
+    [("Red", "red"), ("  circle.\n", "circle"), ("Yes!", "yes"), ("blue?!", "blue"), ("no", "no"), ("", "")],
+)
+def test_normalize_answer(raw, normalized):
+    assert evaluate.normalize_answer(raw) == normalized
+
+
+def test_score_vqa():
+    scores = evaluate.score_vqa(["Red.", "circle", "green", ""], ["red", "Circle", "blue", "yes"])
+    assert scores["accuracy"] == 0.5 and scores["n"] == 4 and scores["correct"] == [True, True, False, False]
+
+
+def test_score_ocr_is_case_sensitive_and_reports_case_insensitive():
+    scores = evaluate.score_ocr(["Hello", "hello", "1234 ", "12345"], ["Hello", "Hello", "1234", "1234"])
+    assert scores["accuracy"] == 0.5
+    assert scores["accuracy_case_insensitive"] == 0.75
+    assert scores["n"] == 4
+
+
+def test_score_gui_iou_threshold_and_unparseable():
+    target = "<|box_start|>(0,0),(100,100)<|box_end|>"
+    predictions = [target, "(0,0),(100,100)", "(0,0),(100,60)", "(0,0),(100,40)", "no idea", ""]
+    scores = evaluate.score_gui(predictions, [target] * len(predictions))
+    assert scores["correct"] == [True, True, True, False, False, False]
+    assert scores["accuracy"] == pytest.approx(0.5)
+    assert scores["unparseable"] == 2 and scores["n"] == 6
+    assert scores["mean_iou"] == pytest.approx((1 + 1 + 0.6 + 0.4) / 6)
+
+
+def test_score_multi_yes_no():
+    scores = evaluate.score_multi(["Yes", "no.", "Yes, they are.", "maybe", "yesno"], ["yes", "no", "no", "yes", "yes"])
+    assert scores["correct"] == [True, True, False, False, False]
+    assert scores["accuracy"] == pytest.approx(0.4) and scores["invalid"] == 2
+
+
+def test_limit_spec():
+    assert evaluate.limit_spec("4") == 4
+    assert evaluate.limit_spec("vqa=300,ocr=100") == {"vqa": 300, "ocr": 100}
+    assert evaluate.limit_of({"vqa": 3}, "gui") is None and evaluate.limit_of(7, "gui") == 7
+    for bad in ("0", "vqa=x", "foo=3"):
+        with pytest.raises(Exception):
+            evaluate.limit_spec(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Smoke run of main()
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tiny_repos, tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluate")
+    repo = work / "AndesVL-1B-tiny"
+    shutil.copytree(tiny_repos["aimv2"], repo)
+    make_adapter(repo, repo / "adapters" / "ocr", rank=4, seed=1)
+    quantized = work / "AndesVL-1B-tiny-int4"
+    quantize.main(["--model", str(repo), "--output", str(quantized), "--bits", "4", "--check-tokens", "1"])
+    make_datasets.main(["--output", str(work / "data"), "--small", "--seed", "0"])
+    output = work / "report.json"
+    report = evaluate.main(["--model", str(repo), "--data", str(work / "data"), "--limit", "4", "--adapter", "ocr",
+                            "--quantized-model", str(quantized), "--output", str(output), "--batch-size", "4",
+                            "--max-new-tokens", "4", "--device", "cpu"])
+    return report, output
+
+
+ROWS = ["base", "adapter:ocr", "adapter:ocr (disabled again)", "int4 base", "int4 base + adapter:ocr"]
+
+
+def test_smoke_report_has_every_row_and_task(smoke_report):
+    report, output = smoke_report
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    assert list(report["rows"]) == ROWS
+    assert report["split"] == "test" and report["limit"] == 4 and report["args"]["adapter"] == ["ocr"]
+    for row in report["rows"].values():
+        assert set(row) == set(evaluate.TASKS)
+        for task, scores in row.items():
+            assert scores["n"] == 4 and 0.0 <= scores["accuracy"] <= 1.0
+            assert len(scores["examples"]) == 4
+            assert all(isinstance(example["prediction"], str) for example in scores["examples"])
+        assert 0 <= row["gui"]["unparseable"] <= 4 and 0.0 <= row["ocr"]["accuracy_case_insensitive"] <= 1.0
+    for name in ROWS:
+        assert f"| {name} |" in report["table"]
+
+
+def test_disabled_adapter_row_equals_the_base_row(smoke_report):
+    rows = smoke_report[0]["rows"]
+    strip = lambda row: {task: {k: v for k, v in scores.items() if k != "seconds"} for task, scores in row.items()}  # noqa: E731
+    assert strip(rows["adapter:ocr (disabled again)"]) == strip(rows["base"])
+
+
+def test_adapter_changes_some_prediction(smoke_report):
+    rows = smoke_report[0]["rows"]
+    predictions = lambda row: [e["prediction"] for scores in row.values() for e in scores["examples"]]  # noqa: E731
+    assert predictions(rows["adapter:ocr"]) != predictions(rows["base"])
+    assert predictions(rows["int4 base + adapter:ocr"]) != predictions(rows["int4 base"])
