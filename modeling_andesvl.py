@@ -552,7 +552,10 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         r"""
         pixel_values (`float[num_patches, C*p*p]`): all images of the batch as packed, block-ordered patches.
         image_grid_hw (`int64[num_images, 2]`): the (rows, cols) patch grid of each image, in order of appearance.
-        labels (`int64[B, S]`, *optional*): next-token targets (shifted inside); -100 is ignored.
+        labels (`int64[B, S]`, *optional*): next-token targets (shifted inside); -100 is ignored. With labels, the
+            language model head runs only where the next-token label is set (see
+            `causal_lm_loss_on_labelled_positions`): the returned `logits` are `[num_labelled, vocab]`, one row per
+            labelled position in row-major order, not `[B, S, vocab]`.
         """
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, S, D]
@@ -563,16 +566,40 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         elif pixel_values is not None:
             raise ValueError("Pass input_ids (not inputs_embeds) with pixel_values, so image tokens can be located.")
+        if labels is not None:
+            return self.causal_lm_loss_on_labelled_positions(
+                inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
-            labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def causal_lm_loss_on_labelled_positions(
+        self, inputs_embeds: torch.Tensor, labels: torch.LongTensor, **kwargs: Any
+    ) -> CausalLMOutputWithPast:
+        """Mean next-token cross-entropy, with `lm_head` computed only where a label is set (cheap with a 152k vocab).
+
+        Hidden state i predicts `labels[:, i + 1]`; positions whose next label is -100 get no logits. The loss equals
+        `Qwen3ForCausalLM`'s with the same labels; `logits` are those of the labelled positions only, `[N, vocab]`.
+        `num_items_in_batch` (the Trainer's count under gradient accumulation) replaces the mean's denominator.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.language_model.model(inputs_embeds=inputs_embeds, **kwargs)
+        targets = labels[:, 1:].to(outputs.last_hidden_state.device)
+        selected = targets != -100
+        hidden = outputs.last_hidden_state[:, :-1][selected]  # [N, D]
+        logits = self.language_model.lm_head(hidden).float()  # [N, vocab]
+        loss = F.cross_entropy(logits, targets[selected], reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else selected.sum()
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     def prepare_inputs_for_generation(
         self,

@@ -363,6 +363,10 @@ def add_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 def predicted_tokens(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
     """Keep only the argmax of the eval logits (the full [B, S, vocab] tensors would pile up over the eval set)."""
     logits = logits[0] if isinstance(logits, tuple) else logits
+    if logits.dim() == 2:  # with labels the model returns logits of the labelled positions only: put them back
+        predictions = torch.full_like(labels, IGNORE_INDEX)
+        predictions[:, :-1][labels[:, 1:] != IGNORE_INDEX] = logits.argmax(-1)
+        return predictions
     return logits.argmax(-1)
 
 

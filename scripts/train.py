@@ -1,0 +1,477 @@
+"""Train a small AndesVL end to end on offline data, staged like the AndesVL paper, with the transformers `Trainer`.
+
+    python scripts/make_datasets.py --output outputs/datasets
+    python scripts/train.py --init tiny-aimv2 --data outputs/datasets --stages align,pretrain,sft --val \\
+        --max-steps 500 --batch-size 8 --work-dir runs/tiny --output out/AndesVL-Tiny
+    python scripts/train.py ... --resume                  # continue from the last checkpoint (finished stages skip)
+    python scripts/train.py --init out/AndesVL-Tiny --stage sft --data ... --work-dir runs/sft2 --output out/sft2
+    accelerate launch --num_processes 8 scripts/train.py ...   # or torchrun: the Trainer does the rest
+
+Model: `--init tiny-aimv2` builds a fresh, seeded AndesVL-Tiny from `TINY_DEMO` (AIMv2-type encoder, hidden 128,
+4 layers, 4 heads, patch 14, 16x16 position grid; Qwen3 text, hidden 80, 4 layers, 4 heads / 2 KV heads, head_dim 32,
+intermediate 384, the real 151,936-token vocabulary, tied embeddings; 13.9M parameters, 12.2M of them the embedding)
+into `<work-dir>/init`; `--micro` shrinks it further (tests). `--init PATH` continues from a saved AndesVL folder.
+Weights train in float32. The text width is 80, not 128, so the exported folder stays under 48 MB: in bfloat16 the
+weights are 27.8 MB, the tokenizer files 16 MB (hidden 128 would make it 59 MB).
+
+Stages (`--stage NAME`, or `--stages a,b,c` in sequence; each stage starts from the previous stage's weights):
+
+    stage     trains                                    default LR   data (chat template, assistant-only labels)
+    align     mlp (+ vision_encoder with --align-vision)  1e-3      captions/answers of all --tasks
+    pretrain  vision_encoder, mlp, language_model          5e-4      all --tasks
+    sft       vision_encoder, mlp, language_model          1e-4      all --tasks (multi-task instruction tuning)
+
+Every stage tokenizes with `scripts/finetune_lora.py`'s `ChatEncoder` (the inference-time chat template, labels on
+assistant content and `<|im_end|>` only) and its collator. The stages differ by trainable modules, learning rate and
+task mix (`--align-tasks`, `--pretrain-tasks`, `--sft-tasks` override `--tasks`): the concatenated `train.jsonl` of
+the tasks, shuffled with `--seed`. `--val` evaluates the loss on the tasks' `val.jsonl` every `--eval-steps`.
+The model computes logits only at labelled positions (`causal_lm_loss_on_labelled_positions`), so the full
+vocabulary stays cheap.
+
+Outputs: `<work-dir>/args.json`; per stage `<work-dir>/<stage>/checkpoints/checkpoint-*` and
+`<work-dir>/<stage>/model/` (a complete float32 repo folder with `training_metrics.json` and `loss_curve.png`). The
+last stage is also exported to `--output` in `--save-dtype` (bfloat16 by default: the tied 151,936 x 80 embedding
+dominates the size) with the repo's config, code, tokenizer and processor files, loadable with
+`AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import build_repo  # noqa: E402
+import finetune_lora as ft  # noqa: E402
+
+STAGE_NAMES = ("align", "pretrain", "sft")
+ALL_MODULES = ("vision_encoder", "mlp", "language_model")
+METRICS_NAME = "training_metrics.json"
+PLOT_NAME = "loss_curve.png"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    modules: tuple[str, ...]  # top-level children of AndesVLForConditionalGeneration that train
+    learning_rate: float
+
+
+STAGES = {
+    "align": StageSpec(("mlp",), 1e-3),
+    "pretrain": StageSpec(ALL_MODULES, 5e-4),
+    "sft": StageSpec(ALL_MODULES, 1e-4),
+}
+
+TINY_DEMO = build_repo.model_config(
+    {**build_repo.AIMV2_LARGE, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+     "num_attention_heads": 4, "image_size": 224, "torch_dtype": "float32"},
+    {**build_repo.qwen3_text_config(80, 4, 4, 384), "num_key_value_heads": 2, "head_dim": 32,
+     "torch_dtype": "float32"},
+    "float32",
+)
+MICRO = build_repo.model_config(
+    {**build_repo.AIMV2_LARGE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+     "num_attention_heads": 2, "image_size": 112, "torch_dtype": "float32"},
+    {**build_repo.qwen3_text_config(32, 1, 2, 64), "num_key_value_heads": 1, "head_dim": 16,
+     "torch_dtype": "float32"},
+    "float32",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def stage_tasks(args: argparse.Namespace, stage: str) -> list[str]:
+    return getattr(args, f"{stage}_tasks") or args.tasks
+
+
+def load_task_split(data: Path, tasks: list[str], split: str, seed: int) -> list[dict]:
+    """The concatenated `<data>/<task>/<split>.jsonl` of `tasks`, shuffled with `seed` (validated by finetune_lora)."""
+    examples = [example for task in tasks for example in ft.load_jsonl(data / task / f"{split}.jsonl")]
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_config(micro: bool) -> dict:
+    return copy.deepcopy(MICRO if micro else TINY_DEMO)
+
+
+def build_init_folder(folder: Path, config: dict, seed: int) -> Path:
+    """A fresh, seeded random model as a complete repo folder (float32)."""
+    build_repo.save_tiny_weights(folder, config, seed)
+    build_repo.write_repo_files(folder, config)
+    return folder
+
+
+def init_folder(args: argparse.Namespace) -> Path:
+    if args.init != "tiny-aimv2":
+        return Path(args.init)
+    folder = args.work_dir / "init"
+    if not (folder / "config.json").is_file():
+        build_init_folder(folder, tiny_config(args.micro), args.seed)
+    return folder
+
+
+def load_model(folder: Path):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    model.config.text_config.use_cache = False  # no KV cache while training
+    return model
+
+
+def set_trainable(model: torch.nn.Module, modules: tuple[str, ...]) -> dict[str, int]:
+    """Train exactly the parameters under `modules` (top-level children); returns trainable counts per module."""
+    counts = {name: 0 for name in ALL_MODULES}
+    for name, parameter in model.named_parameters():
+        top = name.split(".")[0]
+        parameter.requires_grad_(top in modules)
+        if parameter.requires_grad:
+            counts[top] = counts.get(top, 0) + parameter.numel()
+    return counts
+
+
+def stage_modules(args: argparse.Namespace, stage: str) -> tuple[str, ...]:
+    modules = STAGES[stage].modules
+    if stage == "align" and args.align_vision:
+        modules = ("vision_encoder", *modules)
+    return modules
+
+
+def export_config(folder: Path, dtype: str) -> dict:
+    """The saved model's config.json with every dtype field set to `dtype`."""
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = dtype
+    for key in ("vision_config", "text_config"):
+        config[key]["torch_dtype"] = dtype
+        config[key].pop("dtype", None)
+    return config
+
+
+def save_repo_folder(model, folder: Path, config: dict, dtype: str) -> int:
+    """`save_pretrained` in `dtype`, then the repo's JSON, code and tokenizer; returns the folder size in bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    export = copy.deepcopy(model).to(DTYPES[dtype])
+    export.config.text_config.use_cache = True
+    export.save_pretrained(folder)
+    build_repo.write_repo_files(folder, config)  # after save_pretrained: the hand-authored JSON and sources win
+    return folder_size(folder)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_arguments(args: argparse.Namespace, stage: str, output_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate or STAGES[stage].learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=1.0,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=args.eval_steps,
+        prediction_loss_only=True,  # eval loss only: no logits piled up over the eval set
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=args.dataloader_workers,
+        remove_unused_columns=False,  # pixel_values / image_grid_hw
+        label_names=["labels"],
+        report_to=args.report_to,
+        disable_tqdm=False,
+    )
+
+
+def last_checkpoint(folder: Path, resume: bool) -> str | None:
+    """The stage's last checkpoint with `--resume`; refuses to mix a fresh run into old checkpoints."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is not None and not resume:
+        raise SystemExit(f"{folder} already holds checkpoints ({Path(last).name}); pass --resume or use a new "
+                         "--work-dir.")
+    return last
+
+
+def build_trainer(model, training_args, train_set, eval_set, collator):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                   data_collator=collator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics and the loss plot
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def stage_metrics(stage, args, trainer, train_output, counts, sizes, checkpoint, wall_time) -> dict[str, Any]:
+    train_curve, eval_curve = ft.loss_curves(trainer.state.log_history)
+    return {
+        "stage": stage,
+        "trained_modules": list(stage_modules(args, stage)),
+        "trainable_parameters": counts,
+        "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "tasks": stage_tasks(args, stage),
+        "train_examples": sizes[0],
+        "eval_examples": sizes[1],
+        "learning_rate": trainer.args.learning_rate,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss_curve": train_curve,
+        "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
+        "mean_train_loss": train_output.training_loss,
+        "eval_curve": eval_curve,
+        "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
+        "wall_time_s": wall_time,
+        "resumed_from": checkpoint,
+        "args": ft.resolved_args(args),
+    }
+
+
+def scale(values: list[float], low: float, high: float, start: int, end: int) -> list[float]:
+    span = (high - low) or 1.0
+    return [start + (value - low) / span * (end - start) for value in values]
+
+
+def plot_loss_curves(train: list[dict], evaluation: list[dict], path: Path, title: str) -> None:
+    """A PNG line plot (PIL only): train loss (blue) and eval loss (orange) against the optimizer step."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 720, 420, 70, 20, 40, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    series = [([p["step"] for p in train], [p["loss"] for p in train], (31, 119, 180), "train loss"),
+              ([p["step"] for p in evaluation], [p["eval_loss"] for p in evaluation], (255, 127, 14), "eval loss")]
+    steps = [s for xs, _, _, _ in series for s in xs] or [0, 1]
+    losses = [v for _, ys, _, _ in series for v in ys] or [0, 1]
+    x_range, y_range = (min(steps), max(steps)), (min(losses), max(losses))
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((width // 2 - 60, 12), title, fill="black")
+    draw.text((width // 2 - 10, height - 22), "step", fill="black")
+    draw.text((8, top - 24), "loss", fill="black")
+    for fraction in (0.0, 0.5, 1.0):
+        y = height - bottom - fraction * (height - bottom - top)
+        draw.text((6, y - 6), f"{y_range[0] + fraction * (y_range[1] - y_range[0]):.4g}", fill="black")
+        x = left + fraction * (width - right - left)
+        draw.text((x - 10, height - bottom + 6), f"{x_range[0] + fraction * (x_range[1] - x_range[0]):.0f}",
+                  fill="black")
+    for index, (xs, ys, color, label) in enumerate(series):
+        points = list(zip(scale(xs, *x_range, left, width - right), scale(ys, *y_range, height - bottom, top)))
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points if len(points) < 50 else []:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        draw.line([(width - 170, top + 14 + 16 * index), (width - 145, top + 14 + 16 * index)], fill=color, width=2)
+        draw.text((width - 140, top + 8 + 16 * index), label, fill="black")
+    image.save(path)
+
+
+def write_stage_outputs(folder: Path, metrics: dict[str, Any]) -> None:
+    ft.write_json(folder / METRICS_NAME, metrics)
+    plot_loss_curves(metrics["train_loss_curve"], metrics["eval_curve"], folder / PLOT_NAME,
+                     f"AndesVL {metrics['stage']}: loss")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def stage_done(stage_dir: Path) -> bool:
+    return (stage_dir / "model" / METRICS_NAME).is_file()
+
+
+def stage_datasets(args: argparse.Namespace, stage: str, processor):
+    """(train set, eval set or None, sizes) of a stage: seeded task mix, tokenized on access by ChatEncoder."""
+    tasks = stage_tasks(args, stage)
+    train = load_task_split(args.data, tasks, "train", args.seed)
+    evaluation = load_task_split(args.data, tasks, "val", args.seed)[: args.max_val_examples] if args.val else []
+    encoder = ft.ChatEncoder(processor, args.max_length)
+    eval_set = ft.ChatDataset(evaluation, encoder) if evaluation else None
+    return ft.ChatDataset(train, encoder), eval_set, (len(train), len(evaluation))
+
+
+def run_stage(args: argparse.Namespace, stage: str, source: Path) -> Path:
+    """Train one stage from the repo folder `source`; returns `<work-dir>/<stage>/model` (float32 repo folder)."""
+    stage_dir = args.work_dir / stage
+    checkpoint = last_checkpoint(stage_dir / "checkpoints", args.resume)
+    processor = ft.load_processor(str(source))
+    train_set, eval_set, sizes = stage_datasets(args, stage, processor)  # before the model: bad data fails fast
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model = load_model(source)
+    counts = set_trainable(model, stage_modules(args, stage))
+    training_args = training_arguments(args, stage, stage_dir / "checkpoints", eval_set is not None)
+    collator = ft.ChatCollator(processor.tokenizer.pad_token_id)
+    trainer = build_trainer(model, training_args, train_set, eval_set, collator)
+    print(f"== stage {stage}: trains {stage_modules(args, stage)} ({sum(counts.values()):,} parameters), "
+          f"{sizes[0]} train / {sizes[1]} val examples, from {source}")
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if eval_set is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e
+                                        for e in trainer.state.log_history):
+        trainer.evaluate()
+    metrics = stage_metrics(stage, args, trainer, train_output, counts, sizes, checkpoint, time.perf_counter() - start)
+    model_dir = stage_dir / "model"
+    if trainer.is_world_process_zero():
+        metrics["folder_bytes"] = save_repo_folder(model, model_dir, export_config(source, "float32"), "float32")
+        write_stage_outputs(model_dir, metrics)
+        print(json.dumps({k: metrics[k] for k in ("stage", "global_step", "final_train_loss", "final_eval_loss")}))
+    trainer.accelerator.wait_for_everyone()
+    return model_dir
+
+
+def export_final(args: argparse.Namespace, model_dir: Path) -> int:
+    """The last stage's model in `--save-dtype` as a complete repo folder at `--output`; returns its size in bytes."""
+    model = load_model(model_dir)
+    size = save_repo_folder(model, args.output, export_config(model_dir, args.save_dtype), args.save_dtype)
+    for name in (METRICS_NAME, PLOT_NAME):
+        shutil.copy2(model_dir / name, args.output / name)
+    return size + sum((args.output / name).stat().st_size for name in (METRICS_NAME, PLOT_NAME))
+
+
+def run_stages(args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage in order, each from the previous stage's folder; finished stages are skipped with --resume."""
+    source, summary = init_folder(args), {"stages": {}}
+    for stage in args.stages:
+        stage_dir = args.work_dir / stage
+        if args.resume and stage_done(stage_dir):
+            print(f"== stage {stage}: done, skipped ({stage_dir / 'model'})")
+        else:
+            run_stage(args, stage, source)
+        source = stage_dir / "model"
+        summary["stages"][stage] = json.loads((source / METRICS_NAME).read_text())["final_train_loss"]
+    summary["output_bytes"] = export_final(args, source)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def task_list(text: str) -> list[str]:
+    tasks = [task.strip() for task in text.split(",") if task.strip()]
+    unknown = sorted(set(tasks) - {"vqa", "ocr", "gui", "multi"})
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; choose from vqa,ocr,gui,multi")
+    return tasks
+
+
+def stage_list(text: str) -> list[str]:
+    stages = [stage.strip() for stage in text.split(",") if stage.strip()]
+    if not stages or any(stage not in STAGE_NAMES for stage in stages):
+        raise argparse.ArgumentTypeError(f"stages must be a comma-separated subset of {','.join(STAGE_NAMES)}")
+    return stages
+
+
+def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model and stages")
+    model.add_argument("--init", required=True, help="'tiny-aimv2' (fresh TINY_DEMO) or a saved AndesVL folder")
+    model.add_argument("--micro", action="store_true", help="with --init tiny-aimv2: a much smaller model (tests)")
+    which = model.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", choices=STAGE_NAMES, help="run one stage")
+    which.add_argument("--stages", type=stage_list, help="comma-separated stages to run in order")
+    model.add_argument("--align-vision", action="store_true", help="align also trains the vision encoder")
+    model.add_argument("--save-dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of --output weights")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, required=True, help="output folder of scripts/make_datasets.py")
+    data.add_argument("--tasks", type=task_list, default=["vqa", "ocr", "gui", "multi"], help="tasks of every stage")
+    for stage in STAGE_NAMES:
+        data.add_argument(f"--{stage}-tasks", type=task_list, help=f"tasks of the {stage} stage (default: --tasks)")
+    data.add_argument("--val", action="store_true", help="evaluate the loss on the tasks' val splits")
+    data.add_argument("--max-val-examples", type=int, help="evaluate on the first N shuffled val examples only")
+    data.add_argument("--max-length", type=int, default=1024, help="truncate longer conversations (never an image)")
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    train = parser.add_argument_group("training")
+    train.add_argument("--learning-rate", type=float, help="peak LR of every stage (default: the stage table's)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--lr-scheduler", default="cosine", help="cosine, linear, constant, ...")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps of every stage")
+    train.add_argument("--batch-size", type=int, default=8, help="conversations per device and micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps per stage (overrides --epochs)")
+    train.add_argument("--epochs", type=float, default=1.0, help="epochs per stage when --max-steps is not set")
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs with bf16 support)")
+    train.add_argument("--dataloader-workers", type=int, default=0, help="DataLoader worker processes")
+    train.add_argument("--seed", type=int, default=0, help="seed of the init, data order and dropout")
+    train.add_argument("--num-threads", type=int, help="torch intra-op CPU threads (default: torch's; on a busy "
+                       "2-core CPU, 1 can be an order of magnitude faster)")
+    run = parser.add_argument_group("checkpoints, logging, outputs")
+    run.add_argument("--work-dir", type=Path, required=True, help="checkpoints, stage folders and args.json")
+    run.add_argument("--output", type=Path, required=True, help="final repo folder (the last stage's model)")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --work-dir")
+    run.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
+    run.add_argument("--save-total-limit", type=int, default=2, help="keep the last N checkpoints per stage")
+    run.add_argument("--eval-steps", type=int, default=500, help="evaluate every N steps (with --val)")
+    run.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
+    run.add_argument("--report-to", default="none", help="Trainer integrations (none, tensorboard, wandb, ...)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ft.HelpFormatter)
+    add_model_and_data_flags(parser)
+    add_training_flags(parser)
+    args = parser.parse_args(argv)
+    args.stages = args.stages or [args.stage]
+    if args.micro and args.init != "tiny-aimv2":
+        parser.error("--micro only applies to --init tiny-aimv2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    print(json.dumps(ft.resolved_args(args), indent=2))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    ft.write_json(args.work_dir / "args.json", ft.resolved_args(args))
+    summary = run_stages(args)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

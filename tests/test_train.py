@@ -1,0 +1,156 @@
+"""Staged AndesVL training (`scripts/train.py`): a micro AndesVL-Tiny through align -> pretrain -> sft on
+`make_datasets.py --small` data of two tasks (a few CPU steps each), and the labelled-positions loss of the model.
+
+Run: `.venv/tf4/bin/python -m pytest tests/test_train.py -q` (and the same with `.venv/tf5`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import make_datasets
+import pytest
+import torch
+import train
+from conftest import load_model, load_processor, packed_inputs
+from PIL import Image
+from safetensors.torch import load_file
+
+TASKS = "ocr,multi"
+
+
+def run_argv(data, work, output, *extra: str) -> list[str]:
+    return ["--init", "tiny-aimv2", "--micro", "--data", str(data), "--tasks", TASKS, "--stages",
+            "align,pretrain,sft", "--val", "--max-val-examples", "2", "--max-steps", "2", "--batch-size", "2",
+            "--save-steps", "2", "--eval-steps", "2", "--logging-steps", "1", "--learning-rate", "1e-2",
+            "--num-threads", "1", "--work-dir", str(work), "--output", str(output), *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    """`--num-threads 1` (much faster on a busy 2-core CPU) sets torch's global thread count: restore it."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """All three stages, 2 steps each; returns (data, work-dir, output, summary)."""
+    base = tmp_path_factory.mktemp("train")
+    data, work, output = base / "data", base / "work", base / "AndesVL-Tiny-micro"
+    make_datasets.main(["--output", str(data), "--small", "--tasks", TASKS])
+    summary = train.main(run_argv(data, work, output))
+    return data, work, output, summary
+
+
+def test_every_stage_writes_metrics_and_a_loss_plot(run):
+    _, work, output, summary = run
+    assert list(summary["stages"]) == ["align", "pretrain", "sft"]
+    assert json.loads((work / "args.json").read_text())["stages"] == ["align", "pretrain", "sft"]
+    for stage in train.STAGE_NAMES:
+        folder = work / stage / "model"
+        metrics = json.loads((folder / train.METRICS_NAME).read_text())
+        assert metrics["stage"] == stage and metrics["global_step"] == 2
+        assert metrics["trained_modules"] == list(train.STAGES[stage].modules)
+        assert [point["step"] for point in metrics["train_loss_curve"]] == [1, 2]
+        assert metrics["eval_curve"] and metrics["eval_examples"] == 2 and metrics["tasks"] == TASKS.split(",")
+        with Image.open(folder / train.PLOT_NAME) as plot:
+            assert plot.format == "PNG" and plot.size == (720, 420)
+        assert (work / stage / "checkpoints" / "checkpoint-2").is_dir()
+    assert (output / train.METRICS_NAME).is_file() and (output / train.PLOT_NAME).is_file()
+
+
+def test_align_trains_only_the_projector(run):
+    _, work, _, _ = run
+    before = load_file(str(work / "init" / "model.safetensors"))
+    after = load_file(str(work / "align" / "model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {key for key in before if key.startswith("mlp.")}
+    pretrained = load_file(str(work / "pretrain" / "model" / "model.safetensors"))
+    assert any(not torch.equal(after[key], pretrained[key]) for key in after if key.startswith("language_model."))
+    assert any(not torch.equal(after[key], pretrained[key]) for key in after if key.startswith("vision_encoder."))
+
+
+def test_final_folder_loads_and_answers(run):
+    data, _, output, _ = run
+    config = json.loads((output / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["auto_map"]["AutoModelForImageTextToText"]
+    model, processor = load_model(output, dtype=torch.float32), load_processor(output)
+    record = json.loads((data / "ocr" / "test.jsonl").read_text().splitlines()[0])
+    image = str(data / "ocr" / record["messages"][0]["content"][0]["path"])
+    messages = [{"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": "Read it."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image], return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    assert isinstance(processor.decode(generated[0, inputs["input_ids"].shape[1]:]), str)
+
+
+def test_resume_skips_finished_stages_and_refuses_a_fresh_run_over_checkpoints(run, capsys):
+    data, work, output, summary = run
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(run_argv(data, work, output))
+    resumed = train.main(run_argv(data, work, output, "--resume"))
+    assert resumed["stages"] == summary["stages"]
+    assert capsys.readouterr().out.count("done, skipped") == 3
+
+
+def test_micro_and_demo_configs_have_the_requested_shapes():
+    demo = train.TINY_DEMO
+    assert demo["vision_config"]["hidden_size"] == 128 and demo["vision_config"]["image_size"] // 14 == 16
+    assert demo["text_config"]["vocab_size"] == 151936 and demo["text_config"]["head_dim"] == 32
+    assert demo["text_config"]["hidden_size"] == 80  # bfloat16 export <= 48 MB with the 16 MB of tokenizer files
+    assert demo["tie_word_embeddings"] and train.MICRO["text_config"]["num_hidden_layers"] == 1
+
+
+def labelled_batch(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows (one image prompt, one padded text row) with -100 labels on prompts, images and padding."""
+    image_row = packed_inputs(config, [(4, 4)], seed=seed)
+    ids = image_row["input_ids"][0]
+    generator = torch.Generator().manual_seed(seed)
+    text_row = torch.randint(0, 1000, (len(ids) - 5,), generator=generator)
+    input_ids = torch.stack([ids, torch.cat([text_row, torch.zeros(5, dtype=torch.long)])])
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -5:] = 0
+    labels = input_ids.clone()
+    labels[0, : len(ids) - 2] = -100  # only the two tokens after the image are learned
+    labels[1, :3] = -100
+    labels[1, -5:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": image_row["pixel_values"], "image_grid_hw": image_row["image_grid_hw"]}
+
+
+def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
+    model = load_model(tiny_repos["aimv2"], dtype=torch.float32)
+    batch = labelled_batch(model.config)
+    with torch.no_grad():
+        output = model(**batch)
+        inputs_embeds = model.get_input_embeddings()(batch["input_ids"])
+        features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"])
+        inputs_embeds = model.merge_image_features(batch["input_ids"], inputs_embeds, features)
+        full = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"],
+                                    labels=batch["labels"])
+    selected = batch["labels"][:, 1:] != -100
+    assert torch.allclose(output.loss, full.loss, atol=1e-5, rtol=0)
+    assert output.logits.shape == (int(selected.sum()), model.config.text_config.vocab_size)
+    assert torch.allclose(output.logits, full.logits[:, :-1][selected].float(), atol=1e-5)
+    without_labels = model(**{key: value for key, value in batch.items() if key != "labels"})
+    assert without_labels.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+
+
+def test_resume_continues_an_interrupted_stage_from_its_last_checkpoint(run, tmp_path):
+    data, _, output, _ = run
+    work, final = tmp_path / "work", tmp_path / "final"
+    argv = ["--init", str(output), "--stage", "sft", "--data", str(data), "--tasks", "ocr", "--max-steps", "2",
+            "--batch-size", "2", "--save-steps", "1", "--save-total-limit", "3", "--logging-steps", "1",
+            "--num-threads", "1", "--work-dir", str(work), "--output", str(final)]
+    train.main(argv)
+    shutil.rmtree(work / "sft" / "model")  # as if killed after checkpoint-1
+    shutil.rmtree(work / "sft" / "checkpoints" / "checkpoint-2")
+    train.main([*argv, "--resume"])
+    metrics = json.loads((final / train.METRICS_NAME).read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-1") and metrics["global_step"] == 2
+    assert [point["step"] for point in metrics["train_loss_curve"]] == [1, 2]
