@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_lora import load_jsonl, load_processor  # noqa: E402  (sibling script: the JSONL loader)
+from make_datasets import TASKS, task_list  # noqa: E402  (sibling script: the task names)
 
-TASKS = ("vqa", "ocr", "gui", "multi")
 SPLITS = ("test", "val")
 KEPT_EXAMPLES = 5  # predictions kept per row and task in the report
 IOU_THRESHOLD = 0.5
@@ -280,14 +280,6 @@ def markdown_table(rows: dict[str, dict[str, Any]], tasks: list[str]) -> str:
         cells = [f"{100 * row[task]['accuracy']:.1f} (n={row[task]['n']})" for task in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def task_list(text: str) -> list[str]:
-    tasks = [task.strip() for task in text.split(",") if task.strip()]
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
-    return [task for task in TASKS if task in tasks]
 
 
 def limit_spec(text: str) -> dict[str, int] | int:
