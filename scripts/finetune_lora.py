@@ -378,21 +378,33 @@ def token_accuracy(prediction) -> dict[str, float]:
     return {"token_accuracy": float((predictions[mask] == labels[mask]).float().mean()) if mask.any() else math.nan}
 
 
-def training_arguments(args: argparse.Namespace, has_eval: bool):
+def trainer_arguments(
+    args: argparse.Namespace,
+    *,
+    output_dir: Path,
+    batch_size: int,
+    gradient_accumulation_steps: int,
+    learning_rate: float,
+    max_grad_norm: float,
+    num_epochs: float,
+    has_eval: bool,
+    **extra: Any,
+):
+    """`TrainingArguments` shared with scripts/train.py; `args` supplies the flags both scripts name alike."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(args.work_dir),
-        per_device_train_batch_size=args.per_device_batch_size,
-        per_device_eval_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=learning_rate,
         weight_decay=args.weight_decay,
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm,
+        max_grad_norm=max_grad_norm,
         max_steps=args.max_steps,
-        num_train_epochs=args.num_epochs,
+        num_train_epochs=num_epochs,
         bf16=args.bf16,
         logging_steps=args.logging_steps,
         logging_first_step=True,
@@ -408,6 +420,20 @@ def training_arguments(args: argparse.Namespace, has_eval: bool):
         label_names=["labels"],  # PeftModel.forward(*args, **kwargs) hides `labels` from the Trainer's detection
         report_to=args.report_to,
         disable_tqdm=False,
+        **extra,
+    )
+
+
+def training_arguments(args: argparse.Namespace, has_eval: bool):
+    return trainer_arguments(
+        args,
+        output_dir=args.work_dir,
+        batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        max_grad_norm=args.max_grad_norm,
+        num_epochs=args.num_epochs,
+        has_eval=has_eval,
         **checkpointing_arguments(args.gradient_checkpointing),
     )
 

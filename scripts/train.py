@@ -187,36 +187,16 @@ def folder_size(folder: Path) -> int:
 
 
 def training_arguments(args: argparse.Namespace, stage: str, output_dir: Path, has_eval: bool):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+    return ft.trainer_arguments(
+        args,
+        output_dir=output_dir,
+        batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.learning_rate or STAGES[stage].learning_rate,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type=args.lr_scheduler,
-        warmup_steps=args.warmup_steps,
         max_grad_norm=1.0,
-        max_steps=args.max_steps,
-        num_train_epochs=args.epochs,
-        bf16=args.bf16,
-        logging_steps=args.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=args.eval_steps,
+        num_epochs=args.epochs,
+        has_eval=has_eval,
         prediction_loss_only=True,  # eval loss only: no logits piled up over the eval set
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=args.dataloader_workers,
-        remove_unused_columns=False,  # pixel_values / image_grid_hw
-        label_names=["labels"],
-        report_to=args.report_to,
-        disable_tqdm=False,
     )
 
 
