@@ -15,6 +15,9 @@ Rows: `base`; per `--adapter NAME`: `adapter:NAME` (`model.load_scenario_adapter
 again)` (`model.disable_adapters()`, which must reproduce `base` exactly); with `--quantized-model`: `int4 base` and
 `int4 base + adapter:NAME` (the float repo's `adapters/NAME` loaded on the quantized base).
 
+Output: `--output` (all rows and tasks, with a markdown table) and one JSON per task beside it (`report.vqa.json`, ...)
+with every row's scores for that task.
+
 Metrics (per row and task: `accuracy`, `n`, and the first few predictions under `examples`):
     vqa    exact match of the normalized answer (lowercase, stripped, trailing punctuation removed)
     ocr    exact text (case-sensitive; surrounding whitespace stripped); `accuracy_case_insensitive` too
@@ -282,6 +285,18 @@ def markdown_table(rows: dict[str, dict[str, Any]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def task_report_paths(output: Path, tasks: list[str]) -> dict[str, Path]:
+    """One JSON per task beside the report: report.json -> report.vqa.json, report.ocr.json, ..."""
+    return {task: output.with_name(f"{output.stem}.{task}{output.suffix or '.json'}") for task in tasks}
+
+
+def task_report(report: dict[str, Any], task: str) -> dict[str, Any]:
+    """The report restricted to one task: every row's scores for it."""
+    keep = ("model", "quantized_model", "split", "limit", "device", "args")
+    return {**{key: report[key] for key in keep}, "task": task,
+            "rows": {name: row[task] for name, row in report["rows"].items()}}
+
+
 def limit_spec(text: str) -> dict[str, int] | int:
     """`N` (every task) or `task=N,...` (the listed tasks; the others unlimited)."""
     try:
@@ -348,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["table"] = table
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    for task, path in task_report_paths(args.output, args.tasks).items():
+        path.write_text(json.dumps(task_report(report, task), indent=2, ensure_ascii=False) + "\n")
     print(table)
     print(f"wrote {args.output} ({timing['total_s']:.1f} s)")
     return report

@@ -640,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     train.add_argument("--dataloader-workers", type=int, default=0, help="DataLoader worker processes")
     train.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order, eval split and dropout")
+    train.add_argument("--num-threads", type=int, help="torch intra-op CPU threads (default: torch's)")
 
     run = parser.add_argument_group("checkpoints and logging")
     run.add_argument("--work-dir", type=Path, help="checkpoints and args.json (default: outputs/finetune-<name>)")
@@ -681,6 +682,8 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict[str, Any]
     from transformers import set_seed
 
     args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     train_examples, eval_examples = load_splits(args)  # before the model: bad data fails in seconds
     training_args = training_arguments(args, has_eval=bool(eval_examples))
     checkpoint = resume_checkpoint(args)

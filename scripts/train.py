@@ -99,11 +99,26 @@ def stage_tasks(args: argparse.Namespace, stage: str) -> list[str]:
     return getattr(args, f"{stage}_tasks") or args.tasks
 
 
-def load_task_split(data: Path, tasks: list[str], split: str, seed: int) -> list[dict]:
-    """The concatenated `<data>/<task>/<split>.jsonl` of `tasks`, shuffled with `seed` (validated by finetune_lora)."""
-    examples = [example for task in tasks for example in ft.load_jsonl(data / task / f"{split}.jsonl")]
+def load_task_split(data: Path, tasks: list[str], split: str, seed: int, limits: dict[str, int] | None = None
+                    ) -> list[dict]:
+    """The concatenated `<data>/<task>/<split>.jsonl` of `tasks` (the first `limits[task]` lines of a capped task),
+    shuffled with `seed` (validated by finetune_lora)."""
+    limits = limits or {}
+    examples = [example for task in tasks
+                for example in ft.load_jsonl(data / task / f"{split}.jsonl")[: limits.get(task)]]
     random.Random(seed).shuffle(examples)
     return examples
+
+
+def final_answer(example: dict) -> str:
+    content = example["messages"][-1]["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if p["type"] == "text")
+
+
+def drop_answers(examples: list[dict], answers: list[str]) -> list[dict]:
+    """Examples whose last (assistant) answer is not one of `answers` (case-insensitive, stripped)."""
+    dropped = {answer.strip().lower() for answer in answers}
+    return [example for example in examples if final_answer(example).strip().lower() not in dropped]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -151,6 +166,8 @@ def set_trainable(model: torch.nn.Module, modules: tuple[str, ...]) -> dict[str,
 
 
 def stage_modules(args: argparse.Namespace, stage: str) -> tuple[str, ...]:
+    if args.train_modules:
+        return tuple(args.train_modules)
     modules = STAGES[stage].modules
     if stage == "align" and args.align_vision:
         modules = ("vision_encoder", *modules)
@@ -303,8 +320,11 @@ def stage_done(stage_dir: Path) -> bool:
 def stage_datasets(args: argparse.Namespace, stage: str, processor):
     """(train set, eval set or None, sizes) of a stage: seeded task mix, tokenized on access by ChatEncoder."""
     tasks = stage_tasks(args, stage)
-    train = load_task_split(args.data, tasks, "train", args.seed)
-    evaluation = load_task_split(args.data, tasks, "val", args.seed)[: args.max_val_examples] if args.val else []
+    train = drop_answers(load_task_split(args.data, tasks, "train", args.seed, args.task_limit), args.drop_answers)
+    evaluation = load_task_split(args.data, tasks, "val", args.seed) if args.val else []
+    evaluation = drop_answers(evaluation, args.drop_answers)[: args.max_val_examples]
+    if not train:
+        raise SystemExit(f"stage {stage}: no training example left (tasks {tasks}, --drop-answers {args.drop_answers})")
     encoder = ft.ChatEncoder(processor, args.max_length)
     eval_set = ft.ChatDataset(evaluation, encoder) if evaluation else None
     return ft.ChatDataset(train, encoder), eval_set, (len(train), len(evaluation))
@@ -378,6 +398,26 @@ def task_list(text: str) -> list[str]:
     return tasks
 
 
+def module_list(text: str) -> list[str]:
+    modules = [module.strip() for module in text.split(",") if module.strip()]
+    unknown = sorted(set(modules) - set(ALL_MODULES))
+    if unknown or not modules:
+        raise argparse.ArgumentTypeError(f"unknown module(s) {unknown}; choose from {','.join(ALL_MODULES)}")
+    return modules
+
+
+def task_limits(text: str) -> dict[str, int]:
+    """`ocr=1000,gui=1000` -> {"ocr": 1000, "gui": 1000}."""
+    limits = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, _, count = item.partition("=")
+        task_list(task)
+        if not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"--task-limit wants task=N with N >= 1, got {item!r}")
+        limits[task.strip()] = int(count)
+    return limits
+
+
 def stage_list(text: str) -> list[str]:
     stages = [stage.strip() for stage in text.split(",") if stage.strip()]
     if not stages or any(stage not in STAGE_NAMES for stage in stages):
@@ -393,12 +433,20 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--stage", choices=STAGE_NAMES, help="run one stage")
     which.add_argument("--stages", type=stage_list, help="comma-separated stages to run in order")
     model.add_argument("--align-vision", action="store_true", help="align also trains the vision encoder")
+    model.add_argument("--train-modules", type=module_list, help="comma-separated modules to train in the stage(s) "
+                       "run, overriding the stage table (e.g. all three for an align stage on a from-scratch model)")
     model.add_argument("--save-dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of --output weights")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="output folder of scripts/make_datasets.py")
     data.add_argument("--tasks", type=task_list, default=["vqa", "ocr", "gui", "multi"], help="tasks of every stage")
     for stage in STAGE_NAMES:
         data.add_argument(f"--{stage}-tasks", type=task_list, help=f"tasks of the {stage} stage (default: --tasks)")
+    data.add_argument("--task-limit", type=task_limits, default={}, metavar="TASK=N,...",
+                      help="train on the first N train examples of these tasks only, in every stage (e.g. keep the "
+                      "scenario tasks small in the base: ocr=1000,gui=1000)")
+    data.add_argument("--drop-answers", type=lambda text: [a for a in text.split(",") if a.strip()], default=[],
+                      metavar="A,B", help="skip examples whose answer is one of these, e.g. 'yes,no' for an align "
+                      "stage on answers only the image determines (a text prior can guess yes/no)")
     data.add_argument("--val", action="store_true", help="evaluate the loss on the tasks' val splits")
     data.add_argument("--max-val-examples", type=int, help="evaluate on the first N shuffled val examples only")
     data.add_argument("--max-length", type=int, default=1024, help="truncate longer conversations (never an image)")

@@ -135,6 +135,14 @@ def test_smoke_report_has_every_row_and_task(smoke_report):
         assert f"| {name} |" in report["table"]
 
 
+def test_smoke_report_writes_one_json_per_task(smoke_report):
+    report, output = smoke_report
+    for task in evaluate.TASKS:
+        per_task = json.loads(output.with_name(f"report.{task}.json").read_text())
+        assert per_task["task"] == task and per_task["split"] == "test"
+        assert per_task["rows"] == json.loads(json.dumps({name: row[task] for name, row in report["rows"].items()}))
+
+
 def test_disabled_adapter_row_equals_the_base_row(smoke_report):
     rows = smoke_report[0]["rows"]
     strip = lambda row: {task: {k: v for k, v in scores.items() if k != "seconds"} for task, scores in row.items()}  # noqa: E731

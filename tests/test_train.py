@@ -154,3 +154,42 @@ def test_resume_continues_an_interrupted_stage_from_its_last_checkpoint(run, tmp
     metrics = json.loads((final / train.METRICS_NAME).read_text())
     assert metrics["resumed_from"].endswith("checkpoint-1") and metrics["global_step"] == 2
     assert [point["step"] for point in metrics["train_loss_curve"]] == [1, 2]
+
+
+def test_align_with_train_modules_drop_answers_and_task_limit(run, tmp_path):
+    """The AndesVL-Tiny align recipe: every module trains, yes/no answers are skipped, a task is capped."""
+    data, _, _, _ = run
+    work = tmp_path / "work"
+    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "align", "--data", str(data), "--tasks", TASKS,
+            "--train-modules", "vision_encoder,mlp,language_model", "--drop-answers", "yes,no", "--task-limit",
+            "ocr=3", "--max-steps", "1", "--batch-size", "2", "--num-threads", "1", "--work-dir", str(work),
+            "--output", str(tmp_path / "out")]
+    train.main(argv)
+    metrics = json.loads((work / "align" / "model" / train.METRICS_NAME).read_text())
+    assert metrics["trained_modules"] == ["vision_encoder", "mlp", "language_model"]
+    assert metrics["train_examples"] == 3  # 3 ocr; every multi answer is yes/no
+    before = load_file(str(work / "init" / "model.safetensors"))
+    after = load_file(str(work / "align" / "model" / "model.safetensors"))
+    for prefix in ("vision_encoder.", "mlp.", "language_model."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+
+
+def test_drop_answers_and_flag_parsers():
+    examples = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]}
+                for answer in ("Yes", "red", " no ", "triangle")]
+    assert [train.final_answer(e) for e in train.drop_answers(examples, ["yes", "no"])] == ["red", "triangle"]
+    assert train.task_limits("ocr=1000, gui=5") == {"ocr": 1000, "gui": 5}
+    assert train.module_list("mlp,language_model") == ["mlp", "language_model"]
+    for parser, bad, message in ((train.task_limits, "ocr=0", "N >= 1"), (train.task_limits, "cat=3", "unknown"),
+                                 (train.module_list, "mlp,lm_head", "unknown module")):
+        with pytest.raises(Exception, match=message):
+            parser(bad)
+
+
+def test_a_stage_with_no_example_left_fails_with_a_clear_message(run, tmp_path):
+    data, _, _, _ = run
+    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "align", "--data", str(data), "--tasks", "multi",
+            "--drop-answers", "yes,no", "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output",
+            str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"stage align: no training example left \(tasks \['multi'\]"):
+        train.main(argv)
