@@ -69,8 +69,8 @@ adapter ocr ocr 1000 & first=$!
 adapter ocr-qalft-int4 ocr 1000 --qalft int4 --qalft-group-size "$GROUP" & second=$!
 wait "$first"; wait "$second"
 phase "adapters: gui (plain LoRA | QALFT int4)"
-adapter gui gui 500 & first=$!
-adapter gui-qalft-int4 gui 500 --qalft int4 --qalft-group-size "$GROUP" & second=$!
+adapter gui gui 200 & first=$!
+adapter gui-qalft-int4 gui 200 --qalft int4 --qalft-group-size "$GROUP" & second=$!
 wait "$first"; wait "$second"
 
 phase "int4 base"
