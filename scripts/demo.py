@@ -75,7 +75,6 @@ def switch_adapter(model, name: str | None, loaded: set[str]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as transformers_logging
 
     # transformers 5 prints a load report listing the already loaded adapter's LoRA weights as MISSING when a second
@@ -84,17 +83,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return run(args, AutoModelForImageTextToText, AutoProcessor)
+        return run(args)
     finally:
         transformers_logging.set_verbosity(verbosity)
 
 
-def run(args: argparse.Namespace, model_class, processor_class) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Load the model and processor, answer every example in order (switching adapters), print and save."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     examples = load_examples(args.examples)
     started = time.perf_counter()
-    model = model_class.from_pretrained(str(args.model), trust_remote_code=True, dtype=torch.float32)
-    processor = processor_class.from_pretrained(str(args.model), trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(args.model), trust_remote_code=True, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(str(args.model), trust_remote_code=True)
     model.eval()
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in "
           f"{time.perf_counter() - started:.1f} s; adapters: {model.available_adapters()}")

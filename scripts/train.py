@@ -54,6 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import build_repo  # noqa: E402
 import finetune_lora as ft  # noqa: E402
+from evaluate import text_of  # noqa: E402  (sibling script: the text of a loaded message)
+from make_datasets import TASKS  # noqa: E402  (sibling script: the task names)
 
 STAGE_NAMES = ("align", "pretrain", "sft")
 ALL_MODULES = ("vision_encoder", "mlp", "language_model")
@@ -110,15 +112,10 @@ def load_task_split(data: Path, tasks: list[str], split: str, seed: int, limits:
     return examples
 
 
-def final_answer(example: dict) -> str:
-    content = example["messages"][-1]["content"]
-    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if p["type"] == "text")
-
-
 def drop_answers(examples: list[dict], answers: list[str]) -> list[dict]:
-    """Examples whose last (assistant) answer is not one of `answers` (case-insensitive, stripped)."""
+    """Loaded examples whose last (assistant) answer is not one of `answers` (case-insensitive, stripped)."""
     dropped = {answer.strip().lower() for answer in answers}
-    return [example for example in examples if final_answer(example).strip().lower() not in dropped]
+    return [example for example in examples if text_of(example["messages"][-1]).strip().lower() not in dropped]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -390,20 +387,21 @@ def run_stages(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def comma_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """`a,b` -> ["a", "b"] in the given order; every item must be one of `allowed`, and there must be one."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = sorted(set(items) - set(allowed))
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown}; choose from {','.join(allowed)}")
+    return items
+
+
 def task_list(text: str) -> list[str]:
-    tasks = [task.strip() for task in text.split(",") if task.strip()]
-    unknown = sorted(set(tasks) - {"vqa", "ocr", "gui", "multi"})
-    if unknown or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; choose from vqa,ocr,gui,multi")
-    return tasks
+    return comma_list(text, TASKS, "task")
 
 
 def module_list(text: str) -> list[str]:
-    modules = [module.strip() for module in text.split(",") if module.strip()]
-    unknown = sorted(set(modules) - set(ALL_MODULES))
-    if unknown or not modules:
-        raise argparse.ArgumentTypeError(f"unknown module(s) {unknown}; choose from {','.join(ALL_MODULES)}")
-    return modules
+    return comma_list(text, ALL_MODULES, "module")
 
 
 def task_limits(text: str) -> dict[str, int]:
@@ -438,7 +436,7 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--save-dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of --output weights")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="output folder of scripts/make_datasets.py")
-    data.add_argument("--tasks", type=task_list, default=["vqa", "ocr", "gui", "multi"], help="tasks of every stage")
+    data.add_argument("--tasks", type=task_list, default=list(TASKS), help="tasks of every stage")
     for stage in STAGE_NAMES:
         data.add_argument(f"--{stage}-tasks", type=task_list, help=f"tasks of the {stage} stage (default: --tasks)")
     data.add_argument("--task-limit", type=task_limits, default={}, metavar="TASK=N,...",

@@ -175,9 +175,11 @@ def test_align_with_train_modules_drop_answers_and_task_limit(run, tmp_path):
 
 
 def test_drop_answers_and_flag_parsers():
-    examples = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]}
+    examples = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
                 for answer in ("Yes", "red", " no ", "triangle")]
-    assert [train.final_answer(e) for e in train.drop_answers(examples, ["yes", "no"])] == ["red", "triangle"]
+    kept = train.drop_answers(examples, ["yes", "no"])
+    assert [e["messages"][-1]["content"][0]["text"] for e in kept] == ["red", "triangle"]
     assert train.task_limits("ocr=1000, gui=5") == {"ocr": 1000, "gui": 5}
     assert train.module_list("mlp,language_model") == ["mlp", "language_model"]
     for parser, bad, message in ((train.task_limits, "ocr=0", "N >= 1"), (train.task_limits, "cat=3", "unknown"),
