@@ -39,7 +39,7 @@ def test_folder_is_complete_and_within_budget():
             target = path.resolve()
             assert target.parent == ROOT and target.is_file(), (path, os.readlink(path))
     assert sorted(p.parent.name for p in TINY.glob("adapters/*/adapter_model.safetensors")) == SHIPPED_ADAPTERS
-    for stage in ("align", "pretrain", "sft"):
+    for stage in ("vision", "align", "pretrain", "sft"):
         assert (TINY / "training" / stage / "loss_curve.png").is_file()
 
 

@@ -49,7 +49,7 @@ def test_every_stage_writes_metrics_and_a_loss_plot(run):
     _, work, output, summary = run
     assert list(summary["stages"]) == ["align", "pretrain", "sft"]
     assert json.loads((work / "args.json").read_text())["stages"] == ["align", "pretrain", "sft"]
-    for stage in train.STAGE_NAMES:
+    for stage in summary["stages"]:
         folder = work / stage / "model"
         metrics = json.loads((folder / train.METRICS_NAME).read_text())
         assert metrics["stage"] == stage and metrics["global_step"] == 2
@@ -194,4 +194,51 @@ def test_a_stage_with_no_example_left_fails_with_a_clear_message(run, tmp_path):
             "--drop-answers", "yes,no", "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output",
             str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"stage align: no training example left \(tasks \['multi'\]"):
+        train.main(argv)
+
+
+def test_image_label_records_collect_each_images_shape_and_colour():
+    def example(images, question, answer):
+        content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": question}]
+        return {"messages": [{"role": "user", "content": content},
+                             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    examples = [example(["a.png"], "what color is the shape?", "Teal"), example(["a.png"], "is it red?", "no"),
+                example(["b.png"], "is there a circle?", "yes"), example(["a.png"], "what shape?", "triangle "),
+                example(["c.png", "d.png"], "same shape?", "circle"), example(["e.png"], "what shape?", "circle")]
+    records = train.image_label_records(examples)
+    assert records == [{"image": "a.png", "shape": train.IMAGE_LABELS["shape"].index("triangle"),
+                        "color": train.IMAGE_LABELS["color"].index("teal")},
+                       {"image": "e.png", "shape": train.IMAGE_LABELS["shape"].index("circle"),
+                        "color": train.IGNORE_INDEX}]
+
+
+def test_vision_warm_up_trains_only_the_encoder_and_projector(tmp_path):
+    """The `vision` stage: label heads over the pooled visual tokens of the vqa images; the heads are not saved."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    make_datasets.main(["--output", str(data), "--small", "--tasks", "vqa"])
+    train.main(["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--data", str(data), "--val", "--max-steps",
+                "2", "--batch-size", "4", "--eval-steps", "2", "--num-threads", "1", "--learning-rate", "1e-2",
+                "--work-dir", str(work), "--output", str(tmp_path / "out")])
+    metrics = json.loads((work / "vision" / "model" / train.METRICS_NAME).read_text())
+    assert metrics["trained_modules"] == ["vision_encoder", "mlp"] and metrics["tasks"] == ["vqa"]
+    assert metrics["global_step"] == 2 and metrics["final_eval_loss"] > 0
+    assert set(metrics["val_accuracy"]) <= set(train.IMAGE_LABELS) and metrics["val_accuracy"]
+    assert all(0 <= value <= 1 for value in metrics["val_accuracy"].values())
+    before = load_file(str(work / "init" / "model.safetensors"))
+    after = load_file(str(work / "vision" / "model" / "model.safetensors"))
+    assert before.keys() == after.keys()  # no label-head weights in the saved model
+    changed = {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"vision_encoder", "mlp"}
+
+
+def test_vision_warm_up_without_labelled_images_fails_with_a_clear_message(tmp_path):
+    data = tmp_path / "data"
+    make_datasets.main(["--output", str(data), "--small", "--tasks", "vqa"])
+    lines = (data / "vqa" / "train.jsonl").read_text().splitlines()
+    yes_no = [line for line in lines if json.loads(line)["messages"][1]["content"] in ("yes", "no")]
+    (data / "vqa" / "train.jsonl").write_text("\n".join(yes_no) + "\n")
+    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--data", str(data), "--num-threads", "1",
+            "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="stage vision: no vqa train image has a shape or colour answer"):
         train.main(argv)
