@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_lora import load_jsonl, load_processor  # noqa: E402  (sibling script: the JSONL loader)
+from finetune_lora import image_paths, load_jsonl, load_processor  # noqa: E402  (sibling script: the JSONL loader)
 from make_datasets import TASKS, task_list  # noqa: E402  (sibling script: the task names)
 
 SPLITS = ("test", "val")
@@ -138,7 +138,7 @@ def to_prompt_and_target(example: dict[str, Any]) -> dict[str, Any]:
     messages = example["messages"]
     last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
     prompt = messages[:last]
-    images = [part["path"] for message in prompt for part in message["content"] if part["type"] == "image"]
+    images = image_paths(prompt)
     return {"messages": prompt, "target": text_of(messages[last]), "images": images, "source": example["source"],
             "question": text_of(prompt[-1]) if prompt else ""}
 

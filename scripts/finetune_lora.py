@@ -136,6 +136,11 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     return examples
 
 
+def image_paths(messages: list[dict[str, Any]]) -> list[str]:
+    """The image paths of loaded messages, in order."""
+    return [part["path"] for message in messages for part in message["content"] if part["type"] == "image"]
+
+
 def split_examples(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """A seeded, disjoint (train, eval) split with round(fraction * n) >= 1 eval examples and >= 1 train example."""
     if not 0.0 < fraction < 1.0:
@@ -174,7 +179,7 @@ class ChatEncoder:
 
     def __call__(self, messages: list[dict], source: str = "conversation") -> dict[str, torch.Tensor]:
         text = self.processor.apply_chat_template(messages, tokenize=False)
-        images = [part["path"] for message in messages for part in message["content"] if part["type"] == "image"]
+        images = image_paths(messages)
         inputs = self.processor(text=text, images=images or None, return_tensors="pt")
         ids = inputs["input_ids"][0].tolist()
         try:

@@ -136,8 +136,7 @@ def image_label_records(examples: list[dict]) -> list[dict]:
     of the value that one of its answers names (IGNORE_INDEX when none does); images no answer labels are left out."""
     records: dict[str, dict] = {}
     for example in examples:
-        paths = [part["path"] for message in example["messages"] for part in message["content"]
-                 if part["type"] == "image"]
+        paths = ft.image_paths(example["messages"])
         if len(paths) != 1:
             continue
         answer = text_of(example["messages"][-1]).strip().lower()
