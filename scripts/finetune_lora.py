@@ -99,8 +99,9 @@ def parse_message(message: Any, index: int, folder: Path) -> dict[str, Any]:
         raise ValueError(f"message {index}: {error}") from None
 
 
-def parse_line(line: str, folder: Path) -> list[dict[str, Any]]:
-    """One JSONL line -> validated messages (list-of-parts content, absolute image paths)."""
+def parse_record(line: str, folder: Path) -> dict[str, Any]:
+    """One JSONL line -> `{"messages": validated messages (list-of-parts content, absolute image paths), "meta": the
+    line's optional generator metadata object ({} when absent)}`."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -111,11 +112,15 @@ def parse_line(line: str, folder: Path) -> list[dict[str, Any]]:
     messages = [parse_message(message, index, folder) for index, message in enumerate(messages)]
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError("no assistant message: there is nothing to learn from this conversation")
-    return messages
+    meta = record.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"'meta' must be an object, got {type(meta).__name__}")
+    return {"messages": messages, "meta": meta}
 
 
 def load_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All conversations of a JSONL file as `{"messages", "source": "file:line"}`; raises with every bad line."""
+    """All conversations of a JSONL file as `{"messages", "meta", "source": "file:line"}`; raises with every bad
+    line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Data file {path} does not exist.")
@@ -125,7 +130,7 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
             continue
         lines += 1
         try:
-            examples.append({"messages": parse_line(line, path.parent), "source": f"{path}:{number}"})
+            examples.append({**parse_record(line, path.parent), "source": f"{path}:{number}"})
         except ValueError as error:
             errors.append(f"{path.name} line {number}: {error}")
     if errors:

@@ -25,7 +25,9 @@ sizes, package versions, sha256 of every JSONL; it describes the tasks of the la
 `scripts/finetune_lora.py` format,
 `{"messages": [{"role": "user", "content": [{"type": "image", "path": "images/train/000000.png"},
 {"type": "text", "text": ...}]}, {"role": "assistant", "content": ...}], "meta": {...}}` (image paths relative to
-the JSONL's folder; `meta` holds the ground truth, e.g. the GUI pixel box, and is ignored by the trainer).
+the JSONL's folder; `meta` holds the ground truth, e.g. the GUI pixel box, which the chat trainer ignores; OCR
+`char_centers` (each character's centre in pixels) and GUI `boxes_px` / `text_boxes_px` (every element's box and its
+label text's box, in `labels` order) are the per-token targets of train.py's vision warm-up with `--vision-tasks`).
 
 Determinism: example `index` of split `split` is a pure function of (seed, task, split, index): it is drawn from
 `random.Random("seed:task:split:index:attempt")`, and a draw is kept only when a hash of its content key (OCR: the
@@ -309,23 +311,40 @@ def ocr_text(rng: Random) -> tuple[str, str]:
     return number, number
 
 
-def ocr_text_mask(text: str, rng: Random) -> Image.Image:
-    """The text as an 'L' mask: random size that fits, jittered, rotated and sheared a little."""
+def char_centers(text: str, face: ImageFont.FreeTypeFont, x: float, y: float) -> list[tuple[float, float]]:
+    """Centre (x, y) of every character of `text` drawn left-middle anchored at (x, y) with `face`."""
+    return [(x + face.getlength(text[:i]) + face.getlength(char) / 2, y) for i, char in enumerate(text)]
+
+
+def rotated(point: tuple[float, float], degrees: float, center: tuple[float, float]) -> tuple[float, float]:
+    """Where PIL's `Image.rotate(degrees, center=center)` (counter-clockwise on screen) moves `point`."""
+    (dx, dy), angle = (point[0] - center[0], point[1] - center[1]), math.radians(degrees)
+    return (center[0] + dx * math.cos(angle) + dy * math.sin(angle),
+            center[1] - dx * math.sin(angle) + dy * math.cos(angle))
+
+
+def ocr_text_mask(text: str, rng: Random) -> tuple[Image.Image, list[list[float]]]:
+    """The text as an 'L' mask (random size that fits, jittered, rotated and sheared a little) and each character's
+    centre [x, y] in the final image."""
     width, height = OCR_SIZE
     size = rng.randint(22, 34)
     while size > 12 and font(size).getlength(text) > width - 18:
         size -= 1
     mask = Image.new("L", OCR_SIZE, 0)
     x = (width - font(size).getlength(text)) / 2 + rng.uniform(-4, 4)
-    ImageDraw.Draw(mask).text((x, height / 2 + rng.uniform(-3, 3)), text, fill=255, font=font(size), anchor="lm")
-    mask = mask.rotate(rng.uniform(-5, 5), resample=Image.Resampling.BICUBIC, center=(width / 2, height / 2))
-    shear = rng.uniform(-0.2, 0.2)
-    return mask.transform(OCR_SIZE, Image.Transform.AFFINE, (1, shear, -shear * height / 2, 0, 1, 0),
+    y = height / 2 + rng.uniform(-3, 3)
+    ImageDraw.Draw(mask).text((x, y), text, fill=255, font=font(size), anchor="lm")
+    degrees, center = rng.uniform(-5, 5), (width / 2, height / 2)
+    mask = mask.rotate(degrees, resample=Image.Resampling.BICUBIC, center=center)
+    shear = rng.uniform(-0.2, 0.2)  # the affine below reads input x = x + shear * (y - height / 2)
+    mask = mask.transform(OCR_SIZE, Image.Transform.AFFINE, (1, shear, -shear * height / 2, 0, 1, 0),
                           resample=Image.Resampling.BICUBIC)
+    centers = [rotated(point, degrees, center) for point in char_centers(text, font(size), x, y)]
+    return mask, [[round(cx - shear * (cy - height / 2), 1), round(cy, 1)] for cx, cy in centers]
 
 
-def render_ocr(text: str, rng: Random) -> Image.Image:
-    """Light background, a noise curve, dark text, noise dots, optional slight blur."""
+def render_ocr(text: str, rng: Random) -> tuple[Image.Image, list[list[float]]]:
+    """Light background, a noise curve, dark text, noise dots, optional slight blur; and the character centres."""
     width, height = OCR_SIZE
     image = Image.new("RGB", OCR_SIZE, tuple(rng.randint(190, 255) for _ in range(3)))
     draw = ImageDraw.Draw(image)
@@ -333,13 +352,15 @@ def render_ocr(text: str, rng: Random) -> Image.Image:
     base = rng.uniform(15, 45)
     curve = [(x, base + amplitude * math.sin(phase + 2 * math.pi * x / period)) for x in range(0, width + 1, 4)]
     draw.line(curve, fill=tuple(rng.randint(90, 180) for _ in range(3)), width=rng.randint(1, 2))
-    image.paste(tuple(rng.randint(0, 90) for _ in range(3)), mask=ocr_text_mask(text, rng))
+    ink = tuple(rng.randint(0, 90) for _ in range(3))
+    mask, centers = ocr_text_mask(text, rng)
+    image.paste(ink, mask=mask)
     for _ in range(rng.randint(20, 70)):
         point = (rng.randrange(width), rng.randrange(height))
         draw.point(point, fill=tuple(rng.randint(60, 230) for _ in range(3)))
     if rng.random() < 0.4:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
-    return image
+    return image, centers
 
 
 def ocr_draw(rng: Random) -> tuple[str, tuple[str, str]]:
@@ -350,9 +371,10 @@ def ocr_draw(rng: Random) -> tuple[str, tuple[str, str]]:
 
 def make_ocr_example(seed: int, split: str, index: int, task_dir: Path) -> dict[str, Any]:
     (key, text), rng = draw_in_split(seed, "ocr", split, index, ocr_draw)
-    image = render_ocr(text, rng)
+    image, centers = render_ocr(text, rng)
     relative = save_png(image, task_dir, split, f"{index:06d}")
-    meta = {"task": "ocr", "text": text, "key": key, "kind": "number" if text.isdigit() else "word"}
+    meta = {"task": "ocr", "text": text, "key": key, "kind": "number" if text.isdigit() else "word",
+            "char_centers": centers, "image_size": list(OCR_SIZE)}
     return conversation([relative], rng.choice(OCR_PROMPTS), text, meta)
 
 
@@ -458,13 +480,15 @@ def draw_chrome(draw: ImageDraw.ImageDraw, spec: dict[str, Any]) -> None:
         draw_icon(draw, shape, (int(step * (i + 0.5)), height - NAV_H // 2), 6, color)
 
 
-def draw_row(draw: ImageDraw.ImageDraw, row: dict[str, Any], theme: dict[str, Any]) -> None:
+def draw_row(draw: ImageDraw.ImageDraw, row: dict[str, Any], theme: dict[str, Any]) -> list[int]:
+    """Draw one list row; returns its label's pixel box."""
     x1, y1, x2, y2 = row["box"]
     mid = (y1 + y2) // 2
     draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=theme["surface"])
     draw.line([(x1 + 6, y2 - 1), (x2 - 7, y2 - 1)], fill=theme["background"])
     draw_icon(draw, row["icon"][0], (x1 + 13, mid), 6, row["icon"][1])
     draw.text((x1 + 26, mid), row["label"], fill=theme["text"], font=font(11), anchor="lm")
+    text_box = list(draw.textbbox((x1 + 26, mid), row["label"], font=font(11), anchor="lm"))
     accessory = row["accessory"]
     if accessory == "chevron":
         draw.line([(x2 - 12, mid - 4), (x2 - 8, mid), (x2 - 12, mid + 4)], fill=theme["muted"], width=1)
@@ -475,9 +499,11 @@ def draw_row(draw: ImageDraw.ImageDraw, row: dict[str, Any], theme: dict[str, An
         draw.ellipse((knob - 4, mid - 4, knob + 4, mid + 4), fill=(255, 255, 255))
     elif accessory == "dot":
         draw.ellipse((x2 - 12, mid - 3, x2 - 6, mid + 3), fill=theme["primary"])
+    return text_box
 
 
-def draw_button(draw: ImageDraw.ImageDraw, button: dict[str, Any], theme: dict[str, Any], corner: int) -> None:
+def draw_button(draw: ImageDraw.ImageDraw, button: dict[str, Any], theme: dict[str, Any], corner: int) -> list[int]:
+    """Draw one button; returns its label's pixel box."""
     x1, y1, x2, y2 = button["box"]
     if button["filled"]:
         draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), corner, fill=theme["primary"])
@@ -489,30 +515,31 @@ def draw_button(draw: ImageDraw.ImageDraw, button: dict[str, Any], theme: dict[s
     while size > 7 and font(size).getlength(button["label"]) > x2 - x1 - 6:
         size -= 1
     draw.text(((x1 + x2) / 2, (y1 + y2) / 2), button["label"], fill=color, font=font(size), anchor="mm")
+    return list(draw.textbbox(((x1 + x2) / 2, (y1 + y2) / 2), button["label"], font=font(size), anchor="mm"))
 
 
-def render_gui(spec: dict[str, Any]) -> Image.Image:
+def render_gui(spec: dict[str, Any]) -> tuple[Image.Image, list[list[int]]]:
+    """The screen and the pixel box of every element's label (in `spec["elements"]` order)."""
     image = Image.new("RGB", GUI_SIZE, spec["theme"]["background"])
     draw = ImageDraw.Draw(image)
     draw_chrome(draw, spec)
-    for element in spec["elements"]:
-        if element["kind"] == "row":
-            draw_row(draw, element, spec["theme"])
-        else:
-            draw_button(draw, element, spec["theme"], spec["corner"])
-    return image
+    text_boxes = [draw_row(draw, element, spec["theme"]) if element["kind"] == "row"
+                  else draw_button(draw, element, spec["theme"], spec["corner"]) for element in spec["elements"]]
+    return image, text_boxes
 
 
 def make_gui_example(seed: int, split: str, index: int, task_dir: Path) -> dict[str, Any]:
     spec, rng = draw_in_split(seed, "gui", split, index, gui_layout)
     target = spec["elements"][spec["target"]]
-    relative = save_png(render_gui(spec), task_dir, split, f"{index:06d}")
+    image, text_boxes = render_gui(spec)
+    relative = save_png(image, task_dir, split, f"{index:06d}")
     (width, height), (x1, y1, x2, y2) = GUI_SIZE, target["box"]
     box = [normalized(x1, width), normalized(y1, height), normalized(x2, width), normalized(y2, height)]
     answer = f"<|box_start|>({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>"
     meta = {"task": "gui", "label": target["label"], "element": target["kind"], "box_px": target["box"],
             "box_norm": box, "image_size": list(GUI_SIZE), "title": spec["title"],
-            "labels": [element["label"] for element in spec["elements"]]}
+            "labels": [element["label"] for element in spec["elements"]],
+            "boxes_px": [element["box"] for element in spec["elements"]], "text_boxes_px": text_boxes}
     return conversation([relative], rng.choice(GUI_TEMPLATES[target["kind"]]).format(target["label"]), answer, meta)
 
 

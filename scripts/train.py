@@ -17,16 +17,22 @@ weights are 27.8 MB, the tokenizer files 16 MB (hidden 128 would make it 59 MB).
 Stages (`--stage NAME`, or `--stages a,b,c` in sequence; each stage starts from the previous stage's weights):
 
     stage     trains                                    default LR   data (chat template, assistant-only labels)
-    vision    vision_encoder, mlp (+ label heads)          3e-4      vqa images, image-level labels (see below)
+    vision    vision_encoder, mlp (+ label heads)          3e-4      --vision-tasks images (vqa; + ocr, gui), see below
     align     mlp (+ vision_encoder with --align-vision)  1e-3      captions/answers of all --tasks
     pretrain  vision_encoder, mlp, language_model          5e-4      all --tasks
     sft       vision_encoder, mlp, language_model          1e-4      all --tasks (multi-task instruction tuning)
 
 `vision` is an optional warm-up for an encoder trained from scratch (the official sizes start from pretrained AIMv2 /
-SigLIP2 encoders): linear heads over the mean of each image's visual tokens learn the shape and colour that the
-easy-vqa answers name for that image (summed cross-entropy; `ImageLabelHeads`), and are dropped afterwards. Measured
-on AndesVL-Tiny: through the language model alone, the from-scratch encoder learned colour but not shape (39% after
-1,500 steps of shape/colour questions); after the warm-up the align stage learns shape at once.
+SigLIP2 encoders): linear heads over the visual tokens as the language model sees them (after the projector) learn
+what the answers will need, and are dropped afterwards (`VisionWarmupHeads`):
+  - easy-vqa images: the shape and colour the answers name for the image, from the mean of its tokens;
+  - OCR images: per token, the characters whose centre lies in it, left to right (CHAR_SLOTS slots, 62 classes);
+  - GUI screens: per token, which label text lies on it (GUI_LABELS) and the box of the element under its centre.
+The dense targets come from the generators' meta (`char_centers`, `text_boxes_px`, `boxes_px`), mapped onto the token
+grid through the image processor's resize and padding (`TokenGrid`). Measured on AndesVL-Tiny: through the language
+model alone, the from-scratch encoder learned colour but not shape (39% after 1,500 steps of shape/colour questions),
+and never learned to read: the base and its adapters answered every GUI question with one constant box and got no
+OCR answer right. With image-level labels only, the warm-up fixed shape (easy-vqa 78.5% -> 92.0%) but not reading.
 
 Every other stage tokenizes with `scripts/finetune_lora.py`'s `ChatEncoder` (the inference-time chat template, labels on
 assistant content and `<|im_end|>` only) and its collator. The stages differ by trainable modules, learning rate and
@@ -49,6 +55,7 @@ import copy
 import json
 import random
 import shutil
+import string
 import sys
 import time
 from dataclasses import dataclass
@@ -62,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_repo  # noqa: E402
 import finetune_lora as ft  # noqa: E402
 from evaluate import text_of  # noqa: E402  (sibling script: the text of a loaded message)
-from make_datasets import SHAPE_COLORS, SHAPES, TASKS  # noqa: E402  (sibling script: task names, label sets)
+from make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS  # noqa: E402  (sibling script)
 
 STAGE_NAMES = ("vision", "align", "pretrain", "sft")
 ALL_MODULES = ("vision_encoder", "mlp", "language_model")
@@ -70,6 +77,15 @@ METRICS_NAME = "training_metrics.json"
 PLOT_NAME = "loss_curve.png"
 # The vision warm-up's image-level labels: what the easy-vqa colour and shape answers say about each image.
 IMAGE_LABELS = {"shape": SHAPES, "color": tuple(SHAPE_COLORS)}
+# Its dense targets, per visual token: the OCR characters it holds, the GUI label text on it, the GUI element box.
+OCR_CHARS = string.digits + string.ascii_letters  # every character make_datasets.ocr_text draws
+NO_CHAR = len(OCR_CHARS)  # class of an empty character slot
+CHAR_SLOTS = 3  # characters per token (a 28-px token holds at most 2 at the OCR font sizes)
+GUI_LABELS = ROW_LABELS + BUTTON_LABELS
+DENSE_META = {"ocr": ("text", "char_centers"), "gui": ("image_size", "labels", "boxes_px", "text_boxes_px")}
+VISION_TARGETS = (*IMAGE_LABELS, "chars", "element", "box")
+VISION_TASKS = ("vqa", "ocr", "gui")
+BOX_LOSS_WEIGHT = 10.0  # the L1 box error (0-1 units) is small next to the cross-entropies
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,7 +126,7 @@ MICRO = build_repo.model_config(
 
 def stage_tasks(args: argparse.Namespace, stage: str) -> list[str]:
     if stage == "vision":
-        return ["vqa"]
+        return args.vision_tasks
     return getattr(args, f"{stage}_tasks") or args.tasks
 
 
@@ -131,24 +147,125 @@ def drop_answers(examples: list[dict], answers: list[str]) -> list[dict]:
     return [example for example in examples if text_of(example["messages"][-1]).strip().lower() not in dropped]
 
 
-def image_label_records(examples: list[dict]) -> list[dict]:
-    """Per single-image example's image (first appearance order): its path and, for every IMAGE_LABELS name, the index
-    of the value that one of its answers names (IGNORE_INDEX when none does); images no answer labels are left out."""
+def image_records(examples: list[dict], task: str) -> list[dict]:
+    """One record per distinct single-image example's image (first appearance order): the path, the task, the
+    generator's meta, and the answers given about it."""
     records: dict[str, dict] = {}
     for example in examples:
         paths = ft.image_paths(example["messages"])
         if len(paths) != 1:
             continue
-        answer = text_of(example["messages"][-1]).strip().lower()
-        record = records.setdefault(paths[0], {"image": paths[0], **dict.fromkeys(IMAGE_LABELS, IGNORE_INDEX)})
-        for name, values in IMAGE_LABELS.items():
-            if answer in values:
-                record[name] = values.index(answer)
-    return [record for record in records.values() if any(record[name] != IGNORE_INDEX for name in IMAGE_LABELS)]
+        record = records.setdefault(paths[0], {"image": paths[0], "task": task, "meta": example.get("meta", {}),
+                                               "answers": []})
+        record["answers"].append(text_of(example["messages"][-1]).strip().lower())
+    return list(records.values())
 
 
-class ImageLabelDataset(torch.utils.data.Dataset):
-    """Image-label records -> packed patches, grid and one label tensor per IMAGE_LABELS name."""
+def image_labels(answers: list[str]) -> dict[str, int]:
+    """For every IMAGE_LABELS name, the index of the value that one of `answers` (stripped, lower-case) names, or
+    IGNORE_INDEX when none does."""
+    named = {name: [values.index(answer) for answer in answers if answer in values]
+             for name, values in IMAGE_LABELS.items()}
+    return {name: indices[0] if indices else IGNORE_INDEX for name, indices in named.items()}
+
+
+def check_dense_meta(records: list[dict], task: str, keys: tuple[str, ...]) -> None:
+    missing = [record["image"] for record in records if any(key not in record["meta"] for key in keys)]
+    if missing:
+        raise SystemExit(f"stage vision: {len(missing)} of {len(records)} {task} images lack the meta {list(keys)} "
+                         f"(first: {missing[0]}); regenerate the data with scripts/make_datasets.py")
+
+
+def vision_records(examples: list[dict], task: str) -> list[dict]:
+    """The vision warm-up's records of one task: vqa images some answer gives a shape or colour to; every OCR and GUI
+    image (their dense targets come from the generator's meta, checked here)."""
+    records = image_records(examples, task)
+    if task == "vqa":
+        return [record for record in records if set(image_labels(record["answers"]).values()) != {IGNORE_INDEX}]
+    check_dense_meta(records, task, DENSE_META[task])
+    return records
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where an original image's pixels land on its grid of visual tokens (one token = `base` x `base` canvas
+    pixels after the image processor's resize and centred padding)."""
+    rows: int
+    cols: int
+    scale: tuple[float, float]  # canvas / original pixels, (x, y)
+    offset: tuple[int, int]  # the pasted content's top-left corner on the canvas
+    base: int
+
+    @classmethod
+    def of(cls, image_processor, size: tuple[int, int], grid_hw: torch.Tensor) -> TokenGrid:
+        canvas, content = image_processor.target_size(*size)
+        base, merge = image_processor.base, image_processor.merge_size
+        rows, cols = int(grid_hw[0]) // merge, int(grid_hw[1]) // merge
+        if (cols * base, rows * base) != tuple(canvas):
+            raise ValueError(f"image of {size[0]}x{size[1]} px: canvas {canvas} but a {rows}x{cols} token grid")
+        offset = ((canvas[0] - content[0]) // 2, (canvas[1] - content[1]) // 2)
+        return cls(rows, cols, (content[0] / size[0], content[1] / size[1]), offset, base)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+    def token_at(self, x: float, y: float) -> int:
+        """Row-major index of the token that holds original pixel (x, y) (clamped to the grid)."""
+        col = int((x * self.scale[0] + self.offset[0]) // self.base)
+        row = int((y * self.scale[1] + self.offset[1]) // self.base)
+        return min(max(row, 0), self.rows - 1) * self.cols + min(max(col, 0), self.cols - 1)
+
+    def token_box(self, index: int) -> tuple[float, float, float, float]:
+        """(x1, y1, x2, y2) of token `index` in original pixels."""
+        row, col = divmod(index, self.cols)
+        x1, y1 = col * self.base - self.offset[0], row * self.base - self.offset[1]
+        return (x1 / self.scale[0], y1 / self.scale[1],
+                (x1 + self.base) / self.scale[0], (y1 + self.base) / self.scale[1])
+
+
+def overlap(a: list[float] | tuple[float, ...], b: list[float] | tuple[float, ...]) -> float:
+    """Intersection area of two (x1, y1, x2, y2) boxes."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def char_targets(text: str, centers: list[list[float]], grid: TokenGrid) -> torch.Tensor:
+    """long[tokens, CHAR_SLOTS]: the OCR_CHARS index of the characters whose centre lies in each token, left to right,
+    NO_CHAR in its free slots; IGNORE_INDEX on tokens without a character (most of them: as NO_CHAR targets they
+    swamp the loss and the head learns to say 'none')."""
+    if len(centers) != len(text):
+        raise ValueError(f"OCR text {text!r} has {len(text)} characters but {len(centers)} centres")
+    slots: list[list[int]] = [[] for _ in range(grid.tokens)]
+    for char, (x, y) in zip(text, centers):
+        if char not in OCR_CHARS:
+            raise ValueError(f"OCR text {text!r}: character {char!r} is not one of the {len(OCR_CHARS)} OCR_CHARS")
+        slots[grid.token_at(x, y)].append(OCR_CHARS.index(char))
+    if max(len(token) for token in slots) > CHAR_SLOTS:
+        raise ValueError(f"OCR text {text!r}: more than {CHAR_SLOTS} characters in one visual token")
+    return torch.tensor([token + [NO_CHAR if token else IGNORE_INDEX] * (CHAR_SLOTS - len(token)) for token in slots])
+
+
+def gui_targets(meta: dict, grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(long[tokens], float[tokens, 4]): the GUI_LABELS index of the label text that overlaps each token most
+    (IGNORE_INDEX where none does, as for char_targets), and the box (x1, y1, x2, y2; 0-1) of the element whose box
+    holds the token's centre (-1 where none does)."""
+    width, height = meta["image_size"]
+    elements, boxes = torch.full((grid.tokens,), IGNORE_INDEX), torch.full((grid.tokens, 4), -1.0)
+    for index in range(grid.tokens):
+        token = grid.token_box(index)
+        cover = [overlap(token, text_box) for text_box in meta["text_boxes_px"]]
+        if max(cover, default=0.0) > 0:
+            elements[index] = GUI_LABELS.index(meta["labels"][cover.index(max(cover))])
+        cx, cy = (token[0] + token[2]) / 2, (token[1] + token[3]) / 2
+        for x1, y1, x2, y2 in meta["boxes_px"]:
+            if x1 <= cx < x2 and y1 <= cy < y2:
+                boxes[index] = torch.tensor([x1 / width, y1 / height, x2 / width, y2 / height])
+    return elements, boxes
+
+
+class VisionTargetDataset(torch.utils.data.Dataset):
+    """Vision records -> packed patches, grid, and every VISION_TARGETS tensor (IGNORE_INDEX / -1 where the record's
+    task has none): shape and colour per image, chars, element and box per visual token."""
 
     def __init__(self, records: list[dict], image_processor):
         self.records, self.image_processor = records, image_processor
@@ -161,12 +278,24 @@ class ImageLabelDataset(torch.utils.data.Dataset):
 
         record = self.records[index]
         with Image.open(record["image"]) as image:
+            size = image.size
             inputs = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
-        labels = {name: torch.tensor([record[name]]) for name in IMAGE_LABELS}
-        return {"pixel_values": inputs["pixel_values"], "image_grid_hw": inputs["image_grid_hw"], **labels}
+        grid = TokenGrid.of(self.image_processor, size, inputs["image_grid_hw"][0])
+        targets = {name: torch.tensor([IGNORE_INDEX]) for name in IMAGE_LABELS}
+        targets["chars"] = torch.full((grid.tokens, CHAR_SLOTS), IGNORE_INDEX)
+        targets["element"] = torch.full((grid.tokens,), IGNORE_INDEX)
+        targets["box"] = torch.full((grid.tokens, 4), -1.0)
+        if record["task"] == "vqa":
+            targets.update({name: torch.tensor([index]) for name, index in image_labels(record["answers"]).items()})
+        elif record["task"] == "ocr":
+            targets["chars"] = char_targets(record["meta"]["text"], record["meta"]["char_centers"], grid)
+        else:
+            targets["element"], targets["box"] = gui_targets(record["meta"], grid)
+        return {"pixel_values": inputs["pixel_values"], "image_grid_hw": inputs["image_grid_hw"], **targets}
 
 
-def collate_image_labels(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate_vision_targets(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate along dim 0: patches, grids and image labels per image, token targets in the model's token order."""
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 
@@ -203,10 +332,13 @@ def load_model(folder: Path):
     return model
 
 
-class ImageLabelHeads(torch.nn.Module):
-    """The vision warm-up: the model's vision encoder and projector (shared, trained in place) plus one linear head per
-    IMAGE_LABELS name over the mean of an image's visual tokens, with a summed cross-entropy. The heads are dropped
-    after the stage; what the stage leaves is an encoder whose tokens carry shape and colour."""
+class VisionWarmupHeads(torch.nn.Module):
+    """The vision warm-up: the model's vision encoder and projector (shared, trained in place) plus linear heads over
+    the visual tokens as the language model sees them: shape and colour over the mean of an easy-vqa image's tokens;
+    per token of an OCR image, the characters it holds (CHAR_SLOTS ordered slots); per token of a GUI screen, the label
+    text on it and the box of the element under it. Loss: the sum of the cross-entropies (each over its labelled
+    entries) and BOX_LOSS_WEIGHT x the L1 box error. The heads are dropped after the stage; what the stage leaves is an
+    encoder whose tokens carry what the answers need."""
 
     def __init__(self, model):
         super().__init__()
@@ -215,36 +347,51 @@ class ImageLabelHeads(torch.nn.Module):
         width = model.config.text_config.hidden_size
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values))
                                           for name, values in IMAGE_LABELS.items()})
+        self.heads["chars"] = torch.nn.Linear(width, CHAR_SLOTS * (NO_CHAR + 1))
+        self.heads["element"] = torch.nn.Linear(width, len(GUI_LABELS))
+        self.heads["box"] = torch.nn.Linear(width, 4)
 
-    def pooled_tokens(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
         features = self.vision_encoder(pixel_values, image_grid_hw)  # [N, Dv]
-        tokens = self.mlp(features.reshape(-1, features.shape[-1] * self.group))  # [N/4, D_llm], as the LLM sees them
-        counts = (image_grid_hw.prod(-1) // self.group).tolist()
-        return torch.stack([image.mean(0) for image in tokens.split(counts)])  # [images, D_llm]
+        return self.mlp(features.reshape(-1, features.shape[-1] * self.group))  # [N/4, D_llm], as the LLM sees them
 
     def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, **targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-        pooled = self.pooled_tokens(pixel_values, image_grid_hw)
-        logits = {name: head(pooled) for name, head in self.heads.items()}
-        losses = [torch.nn.functional.cross_entropy(logits[name], targets[name], ignore_index=IGNORE_INDEX)
-                  for name in self.heads if (targets[name] != IGNORE_INDEX).any()]
+        tokens = self.visual_tokens(pixel_values, image_grid_hw)  # [T, D]
+        counts = (image_grid_hw.prod(-1) // self.group).tolist()
+        pooled = torch.stack([image.mean(0) for image in tokens.split(counts)])  # [images, D]
+        logits = {name: self.heads[name](pooled) for name in IMAGE_LABELS}
+        logits["chars"] = self.heads["chars"](tokens).reshape(-1, NO_CHAR + 1)  # [T * CHAR_SLOTS, classes]
+        logits["element"], logits["box"] = self.heads["element"](tokens), self.heads["box"](tokens)
+        losses = [torch.nn.functional.cross_entropy(logits[name], targets[name].reshape(-1), ignore_index=IGNORE_INDEX)
+                  for name in (*IMAGE_LABELS, "chars", "element") if (targets[name] != IGNORE_INDEX).any()]
+        boxed = targets["box"][:, 0] >= 0
+        if boxed.any():
+            error = (logits["box"][boxed] - targets["box"][boxed]).abs().mean()
+            losses.append(BOX_LOSS_WEIGHT * error)
         return {"loss": torch.stack(losses).sum(), **logits}
 
 
 @torch.no_grad()
-def image_label_accuracy(heads: ImageLabelHeads, dataset: ImageLabelDataset, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy of every head over the labelled images of `dataset`."""
+def vision_target_accuracy(heads: VisionWarmupHeads, dataset: VisionTargetDataset, batch_size: int = 32
+                           ) -> dict[str, float]:
+    """Over the labelled entries of `dataset`: shape and colour accuracy, OCR character accuracy (slots that hold a
+    character), GUI label accuracy (tokens on a label) and mean box error (0-1000 units, tokens inside an element)."""
     heads.eval()
-    correct, total = dict.fromkeys(IMAGE_LABELS, 0), dict.fromkeys(IMAGE_LABELS, 0)
+    sums: dict[str, list[float]] = {name: [0.0, 0] for name in (*IMAGE_LABELS, "chars", "element", "box_error")}
     for start in range(0, len(dataset), batch_size):
-        batch = collate_image_labels([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        logits = heads(batch["pixel_values"], batch["image_grid_hw"], **{n: batch[n] for n in IMAGE_LABELS})
-        for name in IMAGE_LABELS:
-            known = batch[name] != IGNORE_INDEX
-            correct[name] += int((logits[name].argmax(-1) == batch[name])[known].sum())
-            total[name] += int(known.sum())
+        batch = collate_vision_targets([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        logits = heads(**batch)
+        for name in (*IMAGE_LABELS, "chars", "element"):
+            target = batch[name].reshape(-1)
+            known = (target != IGNORE_INDEX) & ((target != NO_CHAR) if name == "chars" else True)
+            sums[name][0] += int((logits[name].argmax(-1) == target)[known].sum())
+            sums[name][1] += int(known.sum())
+        boxed = batch["box"][:, 0] >= 0
+        sums["box_error"][0] += float((logits["box"][boxed] - batch["box"][boxed]).abs().mean(-1).sum()) * 1000
+        sums["box_error"][1] += int(boxed.sum())
     heads.train()
-    return {name: correct[name] / total[name] for name in IMAGE_LABELS if total[name]}
+    return {name: round(total / count, 4) for name, (total, count) in sums.items() if count}
 
 
 def set_trainable(model: torch.nn.Module, modules: tuple[str, ...]) -> dict[str, int]:
@@ -423,15 +570,24 @@ def stage_datasets(args: argparse.Namespace, stage: str, processor):
     return ft.ChatDataset(train, encoder), eval_set, (len(train), len(evaluation))
 
 
+def vision_split(args: argparse.Namespace, split: str, limit: int | None = None) -> list[dict]:
+    """The vision records of every --vision-tasks task's split (train capped by --task-limit, each task's records cut
+    to `limit`), task after task: each task's examples shuffled with --seed, its records in first-appearance order
+    (the Trainer's sampler shuffles across tasks)."""
+    limits = args.task_limit if split == "train" else {}
+    return [record for task in args.vision_tasks
+            for record in vision_records(load_task_split(args.data, [task], split, args.seed, limits), task)[:limit]]
+
+
 def vision_datasets(args: argparse.Namespace, processor):
-    """(train set, eval set or None, sizes) of the vision warm-up: the labelled images of the vqa splits."""
-    train = image_label_records(load_task_split(args.data, ["vqa"], "train", args.seed))
-    evaluation = image_label_records(load_task_split(args.data, ["vqa"], "val", args.seed)) if args.val else []
-    evaluation = evaluation[: args.max_val_examples]
+    """(train set, eval set or None, sizes) of the vision warm-up: the labelled images of the --vision-tasks splits
+    (the eval set: the first --max-val-examples val records of each task)."""
+    train = vision_split(args, "train")
+    evaluation = vision_split(args, "val", args.max_val_examples) if args.val else []
     if not train:
-        raise SystemExit(f"stage vision: no vqa train image has a shape or colour answer ({args.data / 'vqa'})")
-    eval_set = ImageLabelDataset(evaluation, processor.image_processor) if evaluation else None
-    return ImageLabelDataset(train, processor.image_processor), eval_set, (len(train), len(evaluation))
+        raise SystemExit(f"stage vision: no labelled train image in {args.vision_tasks} ({args.data})")
+    eval_set = VisionTargetDataset(evaluation, processor.image_processor) if evaluation else None
+    return VisionTargetDataset(train, processor.image_processor), eval_set, (len(train), len(evaluation))
 
 
 def run_stage(args: argparse.Namespace, stage: str, source: Path) -> Path:
@@ -451,8 +607,8 @@ def run_stage(args: argparse.Namespace, stage: str, source: Path) -> Path:
     counts = set_trainable(model, stage_modules(args, stage))
     training_args = training_arguments(args, stage, stage_dir / "checkpoints", eval_set is not None)
     if stage == "vision":  # the trainer sees the encoder, projector and label heads only
-        trained, collator = ImageLabelHeads(model), collate_image_labels
-        training_args.label_names = list(IMAGE_LABELS)  # so the eval loop computes the loss
+        trained, collator = VisionWarmupHeads(model), collate_vision_targets
+        training_args.label_names = list(VISION_TARGETS)  # so the eval loop computes the loss
     else:
         trained, collator = model, ft.ChatCollator(processor.tokenizer.pad_token_id)
     trainer = build_trainer(trained, training_args, train_set, eval_set, collator)
@@ -465,7 +621,7 @@ def run_stage(args: argparse.Namespace, stage: str, source: Path) -> Path:
         trainer.evaluate()
     metrics = stage_metrics(stage, args, trainer, train_output, counts, sizes, checkpoint, time.perf_counter() - start)
     if stage == "vision" and eval_set is not None:
-        metrics["val_accuracy"] = image_label_accuracy(trained, eval_set)
+        metrics["val_accuracy"] = vision_target_accuracy(trained, eval_set)
         print(f"== stage vision: val accuracy {metrics['val_accuracy']}")
     model_dir = stage_dir / "model"
     if trainer.is_world_process_zero():
@@ -518,6 +674,10 @@ def task_list(text: str) -> list[str]:
     return comma_list(text, TASKS, "task")
 
 
+def vision_task_list(text: str) -> list[str]:
+    return comma_list(text, VISION_TASKS, "vision task")
+
+
 def module_list(text: str) -> list[str]:
     return comma_list(text, ALL_MODULES, "module")
 
@@ -555,7 +715,10 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="output folder of scripts/make_datasets.py")
     data.add_argument("--tasks", type=task_list, default=list(TASKS), help="tasks of every stage")
-    for stage in STAGE_NAMES[1:]:  # the vision warm-up always reads the vqa images
+    data.add_argument("--vision-tasks", type=vision_task_list, default=["vqa"],
+                      help="images of the vision warm-up, a subset of vqa,ocr,gui (ocr and gui add their per-token "
+                      "heads)")
+    for stage in STAGE_NAMES[1:]:
         data.add_argument(f"--{stage}-tasks", type=task_list, help=f"tasks of the {stage} stage (default: --tasks)")
     data.add_argument("--task-limit", type=task_limits, default={}, metavar="TASK=N,...",
                       help="train on the first N train examples of these tasks only, in every stage (e.g. keep the "
@@ -564,7 +727,7 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
                       metavar="A,B", help="skip examples whose answer is one of these, e.g. 'yes,no' for an align "
                       "stage on answers only the image determines (a text prior can guess yes/no)")
     data.add_argument("--val", action="store_true", help="evaluate the loss on the tasks' val splits")
-    data.add_argument("--max-val-examples", type=int, help="evaluate on the first N shuffled val examples only")
+    data.add_argument("--max-val-examples", type=int, help="evaluate on the first N shuffled val examples only (vision stage: N images per task)")
     data.add_argument("--max-length", type=int, default=1024, help="truncate longer conversations (never an image)")
 
 

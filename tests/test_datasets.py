@@ -16,6 +16,7 @@ from pathlib import Path
 import easy_vqa
 import finetune_lora as ft
 import make_datasets as md
+import numpy as np
 import pytest
 from conftest import ROOT, load_processor
 
@@ -206,6 +207,34 @@ def test_gui_boxes_are_valid_and_labels_unique(runs):
     for split in md.SPLITS:
         for record in records(runs["a"], "gui", split):
             check_gui_record(record, runs["a"] / "gui")
+
+
+def test_gui_meta_boxes_every_element_and_its_label_text(runs):
+    """`boxes_px` holds every element's box in `labels` order (the asked one among them) and `text_boxes_px` the box
+    of the label text drawn inside it: the targets of train.py's vision warm-up."""
+    for record in records(runs["a"], "gui", "train"):
+        meta = record["meta"]
+        assert len(meta["boxes_px"]) == len(meta["text_boxes_px"]) == len(meta["labels"])
+        assert meta["boxes_px"][meta["labels"].index(meta["label"])] == meta["box_px"]
+        for (x1, y1, x2, y2), (tx1, ty1, tx2, ty2) in zip(meta["boxes_px"], meta["text_boxes_px"]):
+            assert x1 <= tx1 < tx2 <= x2 and y1 <= ty1 < ty2 <= y2
+
+
+def test_ocr_meta_places_every_character_in_reading_order(runs):
+    """`char_centers` has one centre per character, inside the image, left to right, on the ink."""
+    from PIL import Image
+
+    for record in records(runs["a"], "ocr", "train"):
+        meta = record["meta"]
+        width, height = meta["image_size"]
+        xs = [x for x, _ in meta["char_centers"]]
+        assert len(meta["char_centers"]) == len(meta["text"]) and xs == sorted(xs)
+        assert all(0 < x < width and 0 < y < height for x, y in meta["char_centers"])
+        with Image.open(runs["a"] / "ocr" / record["messages"][0]["content"][0]["path"]) as image:
+            gray = np.asarray(image.convert("L"), dtype=int)
+        for x, y in meta["char_centers"]:  # some pixel near each centre is much darker than the background
+            window = gray[int(y) - 6: int(y) + 7, int(x) - 4: int(x) + 5]
+            assert window.min() < gray.max() - 60, (meta["text"], x, y)
 
 
 def test_gui_layouts_fit_and_do_not_overlap():

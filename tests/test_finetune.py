@@ -122,7 +122,7 @@ def test_labels_cover_exactly_the_assistant_turns_of_the_inference_prompt(proces
         {"role": "user", "content": "And its colour?"},
         {"role": "assistant", "content": [{"type": "text", "text": "Mostly grey."}]},
     ]}
-    messages = ft.parse_line(json.dumps(record), tmp_path)
+    messages = ft.parse_record(json.dumps(record), tmp_path)["messages"]
     example = ft.ChatEncoder(processor)(messages)
     expected = processor.apply_chat_template(messages, tokenize=True, return_dict=True)
     ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
@@ -138,8 +138,8 @@ def test_labels_cover_exactly_the_assistant_turns_of_the_inference_prompt(proces
 def test_an_answer_starting_with_newlines_keeps_the_inference_ids(processor, tmp_path):
     """The header's "\n" merges with leading newlines of the answer into one token, which is labelled (it holds
     answer text); the ids still equal the chat template's."""
-    messages = ft.parse_line(json.dumps({"messages": [{"role": "user", "content": "Hi"},
-                                                      {"role": "assistant", "content": "\n\nHello."}]}), tmp_path)
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\n\nHello."}]}
+    messages = ft.parse_record(json.dumps(record), tmp_path)["messages"]
     example = ft.ChatEncoder(processor)(messages)
     ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
     assert ids == torch.as_tensor(processor.apply_chat_template(messages, tokenize=True)).flatten().tolist()
@@ -151,7 +151,7 @@ def test_max_length_truncates_text_but_never_an_image(processor, tmp_path):
     random_image(28, 28).save(tmp_path / "a.png")
     record = {"messages": [{"role": "user", "content": [{"type": "image", "path": "a.png"}]},
                            {"role": "assistant", "content": "one two three four five six seven eight"}]}
-    messages = ft.parse_line(json.dumps(record), tmp_path)
+    messages = ft.parse_record(json.dumps(record), tmp_path)["messages"]
     full = ft.ChatEncoder(processor)(messages)
     ids = full["input_ids"].tolist()
     image_end = ids.index(processor.tokenizer.convert_tokens_to_ids("</img>"))

@@ -197,7 +197,7 @@ def test_a_stage_with_no_example_left_fails_with_a_clear_message(run, tmp_path):
         train.main(argv)
 
 
-def test_image_label_records_collect_each_images_shape_and_colour():
+def test_vision_records_keep_labelled_vqa_images_and_their_first_named_shape_and_colour():
     def example(images, question, answer):
         content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": question}]
         return {"messages": [{"role": "user", "content": content},
@@ -206,25 +206,101 @@ def test_image_label_records_collect_each_images_shape_and_colour():
     examples = [example(["a.png"], "what color is the shape?", "Teal"), example(["a.png"], "is it red?", "no"),
                 example(["b.png"], "is there a circle?", "yes"), example(["a.png"], "what shape?", "triangle "),
                 example(["c.png", "d.png"], "same shape?", "circle"), example(["e.png"], "what shape?", "circle")]
-    records = train.image_label_records(examples)
-    assert records == [{"image": "a.png", "shape": train.IMAGE_LABELS["shape"].index("triangle"),
-                        "color": train.IMAGE_LABELS["color"].index("teal")},
-                       {"image": "e.png", "shape": train.IMAGE_LABELS["shape"].index("circle"),
-                        "color": train.IGNORE_INDEX}]
+    records = train.vision_records(examples, "vqa")
+    assert [record["image"] for record in records] == ["a.png", "e.png"]
+    shapes, colors = train.IMAGE_LABELS["shape"], train.IMAGE_LABELS["color"]
+    assert train.image_labels(records[0]["answers"]) == {"shape": shapes.index("triangle"),
+                                                         "color": colors.index("teal")}
+    assert train.image_labels(records[1]["answers"]) == {"shape": shapes.index("circle"),
+                                                         "color": train.IGNORE_INDEX}
+
+
+def test_token_grid_follows_the_image_processors_resize_and_padding(tiny_repos):
+    image_processor = load_processor(tiny_repos["aimv2"]).image_processor
+    canvas, content = image_processor.target_size(160, 60)  # 168 x 84 canvas, 168 x 63 content 10 px down
+    grid = train.TokenGrid.of(image_processor, (160, 60), torch.tensor([canvas[1] // 14, canvas[0] // 14]))
+    assert (grid.rows, grid.cols, grid.offset) == (3, 6, (0, (canvas[1] - content[1]) // 2))
+    assert grid.token_at(0, 0) == 0 and grid.token_at(159.9, 59.9) == grid.tokens - 1
+    assert grid.token_at(-50, 500) == (grid.rows - 1) * grid.cols  # clamped, never out of the grid
+    for index in range(grid.tokens):
+        x1, y1, x2, y2 = grid.token_box(index)
+        assert grid.token_at((x1 + x2) / 2, (y1 + y2) / 2) == index
+    with pytest.raises(ValueError, match="canvas"):
+        train.TokenGrid.of(image_processor, (160, 60), torch.tensor([4, 12]))
+
+
+@pytest.fixture(scope="module")
+def dense_data(tmp_path_factory, tiny_repos):
+    """Small ocr + gui data and its vision records and dataset."""
+    data = tmp_path_factory.mktemp("dense") / "data"
+    make_datasets.main(["--output", str(data), "--small", "--tasks", "ocr,gui"])
+    records = {task: train.vision_records(train.load_task_split(data, [task], "train", 0), task)
+               for task in ("ocr", "gui")}
+    dataset = train.VisionTargetDataset(records["ocr"] + records["gui"],
+                                        load_processor(tiny_repos["aimv2"]).image_processor)
+    return data, records, dataset
+
+
+def test_ocr_targets_hold_every_character_once_in_reading_order(dense_data):
+    _, records, dataset = dense_data
+    for index, record in enumerate(records["ocr"]):
+        item, text = dataset[index], record["meta"]["text"]
+        chars = item["chars"]  # [tokens, CHAR_SLOTS]
+        assert chars.shape == (item["image_grid_hw"].prod() // 4, train.CHAR_SLOTS)
+        held = [train.OCR_CHARS[c] for token in chars.tolist() for c in token if 0 <= c < train.NO_CHAR]
+        assert sorted(held) == sorted(text)
+        cols = int(item["image_grid_hw"][0, 1]) // 2
+        by_column = sorted((index % cols, slot, char) for index, token in enumerate(chars.tolist())
+                           for slot, char in enumerate(token) if 0 <= char < train.NO_CHAR)
+        assert "".join(train.OCR_CHARS[char] for _, _, char in by_column) == text or len(set(
+            index // cols for index, token in enumerate(chars.tolist()) if token[0] >= 0)) > 1  # one row: exact order
+        empty = (chars[:, 0] == train.IGNORE_INDEX)
+        assert (chars[empty] == train.IGNORE_INDEX).all() and not (chars[~empty] == train.IGNORE_INDEX).any()
+        for name in ("shape", "color", "element"):
+            assert (item[name] == train.IGNORE_INDEX).all()
+
+
+def test_ocr_targets_refuse_unknown_characters_and_miscounted_centres(dense_data, tiny_repos):
+    image_processor = load_processor(tiny_repos["aimv2"]).image_processor
+    grid = train.TokenGrid.of(image_processor, (160, 60), torch.tensor([6, 12]))
+    with pytest.raises(ValueError, match="'a-b' has 3 characters but 2 centres"):
+        train.char_targets("a-b", [[10, 30], [20, 30]], grid)
+    with pytest.raises(ValueError, match="character '-' is not one of the 62 OCR_CHARS"):
+        train.char_targets("a-b", [[10, 30], [20, 30], [30, 30]], grid)
+    with pytest.raises(ValueError, match="more than 3 characters in one visual token"):
+        train.char_targets("abcd", [[10, 30]] * 4, grid)
+
+
+def test_gui_targets_name_every_label_and_box_the_elements(dense_data):
+    _, records, dataset = dense_data
+    offset = len(records["ocr"])
+    for index, record in enumerate(records["gui"]):
+        item, meta = dataset[offset + index], record["meta"]
+        width, height = meta["image_size"]
+        named = {train.GUI_LABELS[e] for e in item["element"].tolist() if e != train.IGNORE_INDEX}
+        assert named == set(meta["labels"])
+        boxed = item["box"][:, 0] >= 0
+        expected = {(x1 / width, y1 / height, x2 / width, y2 / height) for x1, y1, x2, y2 in meta["boxes_px"]}
+        got = {tuple(round(v, 5) for v in box) for box in item["box"][boxed].tolist()}
+        assert got <= {tuple(round(v, 5) for v in box) for box in expected} and len(got) == len(expected)
+        assert (item["chars"] == train.IGNORE_INDEX).all()
 
 
 def test_vision_warm_up_trains_only_the_encoder_and_projector(tmp_path):
-    """The `vision` stage: label heads over the pooled visual tokens of the vqa images; the heads are not saved."""
+    """The `vision` stage: label heads over the visual tokens of the vqa, ocr and gui images; the heads are not
+    saved."""
     data, work = tmp_path / "data", tmp_path / "work"
-    make_datasets.main(["--output", str(data), "--small", "--tasks", "vqa"])
-    train.main(["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--data", str(data), "--val", "--max-steps",
-                "2", "--batch-size", "4", "--eval-steps", "2", "--num-threads", "1", "--learning-rate", "1e-2",
-                "--work-dir", str(work), "--output", str(tmp_path / "out")])
+    make_datasets.main(["--output", str(data), "--small", "--tasks", "vqa,ocr,gui"])
+    train.main(["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "vqa,ocr,gui", "--data",
+                str(data), "--val", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "2", "--num-threads", "1",
+                "--learning-rate", "1e-2", "--work-dir", str(work), "--output", str(tmp_path / "out")])
     metrics = json.loads((work / "vision" / "model" / train.METRICS_NAME).read_text())
-    assert metrics["trained_modules"] == ["vision_encoder", "mlp"] and metrics["tasks"] == ["vqa"]
+    assert metrics["trained_modules"] == ["vision_encoder", "mlp"] and metrics["tasks"] == ["vqa", "ocr", "gui"]
     assert metrics["global_step"] == 2 and metrics["final_eval_loss"] > 0
-    assert set(metrics["val_accuracy"]) <= set(train.IMAGE_LABELS) and metrics["val_accuracy"]
-    assert all(0 <= value <= 1 for value in metrics["val_accuracy"].values())
+    accuracy = metrics["val_accuracy"]
+    assert {"chars", "element", "box_error"} <= set(accuracy) <= {*train.IMAGE_LABELS, "chars", "element", "box_error"}
+    assert all(0 <= value <= 1 for name, value in accuracy.items() if name != "box_error")
+    assert 0 < accuracy["box_error"] < 1000
     before = load_file(str(work / "init" / "model.safetensors"))
     after = load_file(str(work / "vision" / "model" / "model.safetensors"))
     assert before.keys() == after.keys()  # no label-head weights in the saved model
@@ -238,7 +314,21 @@ def test_vision_warm_up_without_labelled_images_fails_with_a_clear_message(tmp_p
     lines = (data / "vqa" / "train.jsonl").read_text().splitlines()
     yes_no = [line for line in lines if json.loads(line)["messages"][1]["content"] in ("yes", "no")]
     (data / "vqa" / "train.jsonl").write_text("\n".join(yes_no) + "\n")
-    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--data", str(data), "--num-threads", "1",
-            "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match="stage vision: no vqa train image has a shape or colour answer"):
+    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "vqa", "--data", str(data),
+            "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"stage vision: no labelled train image in \['vqa'\]"):
+        train.main(argv)
+
+
+def test_vision_warm_up_on_data_without_the_dense_meta_fails_with_a_clear_message(dense_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dense_data[0] / "ocr", data / "ocr")
+    lines = [json.loads(line) for line in (data / "ocr" / "train.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["meta"]["char_centers"]
+    (data / "ocr" / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "ocr", "--data", str(data),
+            "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=rf"{len(lines)} of {len(lines)} ocr images lack the meta \['text', "
+                       r"'char_centers'\] .* regenerate the data"):
         train.main(argv)
