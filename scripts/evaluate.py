@@ -20,7 +20,8 @@ with every row's scores for that task.
 
 Metrics (per row and task: `accuracy`, `n`, and the first few predictions under `examples`):
     vqa    exact match of the normalized answer (lowercase, stripped, trailing punctuation removed)
-    ocr    exact text (case-sensitive; surrounding whitespace stripped); `accuracy_case_insensitive` too
+    ocr    exact text (case-sensitive; surrounding whitespace stripped); `accuracy_case_insensitive` too, and
+           `char_error_rate` (total Levenshtein distance over total target characters)
     gui    IoU >= 0.5 between the predicted box `(x1,y1),(x2,y2)` (0-1000 normalized, box tokens optional) and the
            answer's box; unparseable predictions score 0 and are counted in `unparseable`; `mean_iou` too
     multi  yes/no accuracy: the first word of the normalized answer; neither yes nor no is counted in `invalid`
@@ -86,11 +87,27 @@ def score_vqa(predictions: list[str], targets: list[str]) -> dict[str, Any]:
     return {"accuracy": accuracy(flags), "n": len(flags), "correct": flags}
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest character insertions, deletions and substitutions turning `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
 def score_ocr(predictions: list[str], targets: list[str]) -> dict[str, Any]:
-    flags = [p.strip() == t.strip() for p, t in zip(predictions, targets)]
-    loose = [p.strip().lower() == t.strip().lower() for p, t in zip(predictions, targets)]
-    return {"accuracy": accuracy(flags), "accuracy_case_insensitive": accuracy(loose), "n": len(flags),
-            "correct": flags}
+    """Exact match (and case-insensitive), plus the character error rate: total edit distance over total target
+    characters (0 is perfect; an empty answer scores 1), which still moves while exact match is 0."""
+    predictions, targets = [p.strip() for p in predictions], [t.strip() for t in targets]
+    flags = [p == t for p, t in zip(predictions, targets)]
+    loose = [p.lower() == t.lower() for p, t in zip(predictions, targets)]
+    errors = sum(edit_distance(p, t) for p, t in zip(predictions, targets))
+    characters = sum(len(t) for t in targets)
+    return {"accuracy": accuracy(flags), "accuracy_case_insensitive": accuracy(loose),
+            "char_error_rate": errors / characters if characters else 0.0, "n": len(flags), "correct": flags}
 
 
 def score_gui(predictions: list[str], targets: list[str]) -> dict[str, Any]:

@@ -68,6 +68,17 @@ def test_score_ocr_is_case_sensitive_and_reports_case_insensitive():
     assert scores["accuracy"] == 0.5
     assert scores["accuracy_case_insensitive"] == 0.75
     assert scores["n"] == 4
+    assert scores["char_error_rate"] == 2 / 18  # "hello" vs "Hello": 1 substitution; "12345" vs "1234": 1 insertion
+
+
+@pytest.mark.parametrize("a, b, distance", [("", "", 0), ("", "abc", 3), ("abc", "", 3), ("kitten", "sitting", 3),
+                                            ("8979276", "9999999", 5), ("Human", "HUMAN", 4), ("1234", "2341", 2)])
+def test_edit_distance(a, b, distance):
+    assert evaluate.edit_distance(a, b) == distance == evaluate.edit_distance(b, a)
+
+
+def test_char_error_rate_counts_an_empty_answer_as_every_character_wrong():
+    assert evaluate.score_ocr(["", "abc"], ["abcd", "abc"])["char_error_rate"] == 4 / 7
 
 
 def test_score_gui_iou_threshold_and_unparseable():
