@@ -123,13 +123,18 @@ def eval_target_size(
     return canvas, _fit_content(width, height, canvas, int)
 
 
+def paste_offset(canvas: Size, content: Size) -> Size:
+    """(left, top) of the centered `content` on its `canvas`: the floor of half the slack."""
+    return (canvas[0] - content[0]) // 2, (canvas[1] - content[1]) // 2
+
+
 def resize_and_pad(image: Image.Image, canvas: Size, content: Size, background: tuple, resample: int) -> Image.Image:
-    """Resize `image` to `content` and paste it centered (floor offsets) on a `canvas` of `background`."""
+    """Resize `image` to `content` and paste it centered (`paste_offset`) on a `canvas` of `background`."""
     if image.size == canvas == content:
         return image
     resized = image.resize(content, resample=resample)
     padded = Image.new("RGB", canvas, background)
-    padded.paste(resized, ((canvas[0] - content[0]) // 2, (canvas[1] - content[1]) // 2))
+    padded.paste(resized, paste_offset(canvas, content))
     return padded
 
 
@@ -421,6 +426,8 @@ class AndesVLImageProcessor(BaseImageProcessor):
     def target_size(self, width: int, height: int, **overrides) -> tuple[Size, Size]:
         """(canvas, content) sizes, each (width, height), of a `width x height` image."""
         return self._target_size(width, height, self._resolve_options(overrides))
+
+    paste_offset = staticmethod(paste_offset)  # (left, top) of `content` on `canvas`, as `target_size` returns them
 
     def expected_canvas_size(self, width: int, height: int, **overrides) -> Size:
         """(width, height) of the padded canvas for a `width x height` image, without touching pixels."""

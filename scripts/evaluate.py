@@ -36,7 +36,7 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -68,11 +68,14 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
     return tuple(float(value) for value in match.groups()) if match else None
 
 
+def box_intersection(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection area of two (x1, y1, x2, y2) boxes (0 when they do not overlap)."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes; 0 for empty or inverted boxes."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    intersection = max(0.0, width) * max(0.0, height)
+    intersection = box_intersection(a, b)
     area = lambda box: max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])  # noqa: E731
     union = area(a) + area(b) - intersection
     return intersection / union if union > 0 else 0.0

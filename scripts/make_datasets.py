@@ -487,8 +487,9 @@ def draw_row(draw: ImageDraw.ImageDraw, row: dict[str, Any], theme: dict[str, An
     draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=theme["surface"])
     draw.line([(x1 + 6, y2 - 1), (x2 - 7, y2 - 1)], fill=theme["background"])
     draw_icon(draw, row["icon"][0], (x1 + 13, mid), 6, row["icon"][1])
-    draw.text((x1 + 26, mid), row["label"], fill=theme["text"], font=font(11), anchor="lm")
-    text_box = list(draw.textbbox((x1 + 26, mid), row["label"], font=font(11), anchor="lm"))
+    label = {"xy": (x1 + 26, mid), "text": row["label"], "font": font(11), "anchor": "lm"}
+    draw.text(fill=theme["text"], **label)
+    text_box = list(draw.textbbox(**label))
     accessory = row["accessory"]
     if accessory == "chevron":
         draw.line([(x2 - 12, mid - 4), (x2 - 8, mid), (x2 - 12, mid + 4)], fill=theme["muted"], width=1)
@@ -514,8 +515,9 @@ def draw_button(draw: ImageDraw.ImageDraw, button: dict[str, Any], theme: dict[s
     size = 10
     while size > 7 and font(size).getlength(button["label"]) > x2 - x1 - 6:
         size -= 1
-    draw.text(((x1 + x2) / 2, (y1 + y2) / 2), button["label"], fill=color, font=font(size), anchor="mm")
-    return list(draw.textbbox(((x1 + x2) / 2, (y1 + y2) / 2), button["label"], font=font(size), anchor="mm"))
+    label = {"xy": ((x1 + x2) / 2, (y1 + y2) / 2), "text": button["label"], "font": font(size), "anchor": "mm"}
+    draw.text(fill=color, **label)
+    return list(draw.textbbox(**label))
 
 
 def render_gui(spec: dict[str, Any]) -> tuple[Image.Image, list[list[int]]]:

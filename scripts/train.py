@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import build_repo  # noqa: E402
 import finetune_lora as ft  # noqa: E402
-from evaluate import text_of  # noqa: E402  (sibling script: the text of a loaded message)
+from evaluate import box_intersection, text_of  # noqa: E402  (sibling script: message text, box overlap)
 from make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS  # noqa: E402  (sibling script)
 
 STAGE_NAMES = ("vision", "align", "pretrain", "sft")
@@ -203,7 +203,7 @@ class TokenGrid:
         rows, cols = int(grid_hw[0]) // merge, int(grid_hw[1]) // merge
         if (cols * base, rows * base) != tuple(canvas):
             raise ValueError(f"image of {size[0]}x{size[1]} px: canvas {canvas} but a {rows}x{cols} token grid")
-        offset = ((canvas[0] - content[0]) // 2, (canvas[1] - content[1]) // 2)
+        offset = image_processor.paste_offset(canvas, content)
         return cls(rows, cols, (content[0] / size[0], content[1] / size[1]), offset, base)
 
     @property
@@ -222,11 +222,6 @@ class TokenGrid:
         x1, y1 = col * self.base - self.offset[0], row * self.base - self.offset[1]
         return (x1 / self.scale[0], y1 / self.scale[1],
                 (x1 + self.base) / self.scale[0], (y1 + self.base) / self.scale[1])
-
-
-def overlap(a: list[float] | tuple[float, ...], b: list[float] | tuple[float, ...]) -> float:
-    """Intersection area of two (x1, y1, x2, y2) boxes."""
-    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def char_targets(text: str, centers: list[list[float]], grid: TokenGrid) -> torch.Tensor:
@@ -253,7 +248,7 @@ def gui_targets(meta: dict, grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor
     elements, boxes = torch.full((grid.tokens,), IGNORE_INDEX), torch.full((grid.tokens, 4), -1.0)
     for index in range(grid.tokens):
         token = grid.token_box(index)
-        cover = [overlap(token, text_box) for text_box in meta["text_boxes_px"]]
+        cover = [box_intersection(token, text_box) for text_box in meta["text_boxes_px"]]
         if max(cover, default=0.0) > 0:
             elements[index] = GUI_LABELS.index(meta["labels"][cover.index(max(cover))])
         cx, cy = (token[0] + token[2]) / 2, (token[1] + token[3]) / 2
@@ -727,7 +722,8 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
                       metavar="A,B", help="skip examples whose answer is one of these, e.g. 'yes,no' for an align "
                       "stage on answers only the image determines (a text prior can guess yes/no)")
     data.add_argument("--val", action="store_true", help="evaluate the loss on the tasks' val splits")
-    data.add_argument("--max-val-examples", type=int, help="evaluate on the first N shuffled val examples only (vision stage: N images per task)")
+    data.add_argument("--max-val-examples", type=int,
+                      help="evaluate on the first N shuffled val examples only (vision stage: N images per task)")
     data.add_argument("--max-length", type=int, default=1024, help="truncate longer conversations (never an image)")
 
 
