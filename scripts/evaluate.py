@@ -25,6 +25,8 @@ Metrics (per row and task: `accuracy`, `n`, and the first few predictions under 
     gui    IoU >= 0.5 between the predicted box `(x1,y1),(x2,y2)` (0-1000 normalized, box tokens optional) and the
            answer's box; unparseable predictions score 0 and are counted in `unparseable`; `mean_iou` too
     multi  yes/no accuracy: the first word of the normalized answer; neither yes nor no is counted in `invalid`
+Where the data's `meta` says what kind of example a line is (GROUP_FIELDS: OCR `kind` word / number, GUI `element`
+button / row), `by_group` repeats the task's scores for each kind.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ IOU_THRESHOLD = 0.5
 NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 BOX_PATTERN = re.compile(rf"\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GROUP_FIELDS = {"ocr": "kind", "gui": "element"}  # the meta field whose value splits a task's accuracy in `by_group`
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,20 +156,22 @@ def text_of(message: dict[str, Any]) -> str:
     return "".join(part["text"] for part in message["content"] if part["type"] == "text")
 
 
-def to_prompt_and_target(example: dict[str, Any]) -> dict[str, Any]:
-    """Messages before the last assistant turn (the prompt), that turn's text (the target), the prompt's images."""
+def to_prompt_and_target(example: dict[str, Any], group_field: str | None = None) -> dict[str, Any]:
+    """Messages before the last assistant turn (the prompt), that turn's text (the target), the prompt's images, and
+    the example's group (its meta's `group_field` value, None when absent)."""
     messages = example["messages"]
     last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
     prompt = messages[:last]
     images = image_paths(prompt)
     return {"messages": prompt, "target": text_of(messages[last]), "images": images, "source": example["source"],
-            "question": text_of(prompt[-1]) if prompt else ""}
+            "question": text_of(prompt[-1]) if prompt else "",
+            "group": example.get("meta", {}).get(group_field) if group_field else None}
 
 
 def load_task(data: Path, task: str, split: str, limit: int | None) -> list[dict[str, Any]]:
     """The first `limit` examples (all with None) of `<data>/<task>/<split>.jsonl`, as prompts and targets."""
     examples = load_jsonl(data / task / f"{split}.jsonl")
-    return [to_prompt_and_target(example) for example in examples[:limit]]
+    return [to_prompt_and_target(example, GROUP_FIELDS.get(task)) for example in examples[:limit]]
 
 
 def model_defaults_off() -> dict[str, Any]:
@@ -211,15 +216,35 @@ def predict(model, processor, examples: list[dict[str, Any]], batch_size: int, m
     return predictions
 
 
+def summary(scores: dict[str, Any]) -> dict[str, Any]:
+    """A scorer's result without its per-example lists except `correct`."""
+    return {key: value for key, value in scores.items() if key != "iou"}
+
+
+def scores_by_group(task: str, predictions: list[str], examples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{group: the task's scores over that group's examples} (sorted by name), for the examples with a group."""
+    members: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        if example.get("group") is not None:
+            members.setdefault(example["group"], []).append(index)
+    grouped = {}
+    for group, indices in sorted(members.items()):
+        scores = SCORERS[task]([predictions[i] for i in indices], [examples[i]["target"] for i in indices])
+        grouped[group] = {key: value for key, value in summary(scores).items() if key != "correct"}
+    return grouped
+
+
 def evaluate_task(model, processor, task: str, examples: list[dict], args: argparse.Namespace) -> dict[str, Any]:
     """Score one task; keep the first KEPT_EXAMPLES predictions (question, target, prediction, correct)."""
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     predictions = predict(model, processor, examples, args.batch_size, args.max_new_tokens)
     seconds = time.perf_counter() - started
-    scores = SCORERS[task](predictions, [example["target"] for example in examples])
+    scores = summary(SCORERS[task](predictions, [example["target"] for example in examples]))
     flags = scores.pop("correct")
-    scores.pop("iou", None)
+    by_group = scores_by_group(task, predictions, examples)
+    if by_group:
+        scores["by_group"] = by_group
     scores["examples"] = [
         {"source": example["source"], "question": example["question"], "target": example["target"],
          "prediction": prediction, "correct": flag}

@@ -91,6 +91,26 @@ def test_score_gui_iou_threshold_and_unparseable():
     assert scores["mean_iou"] == pytest.approx((1 + 1 + 0.6 + 0.4) / 6)
 
 
+def test_scores_by_group_rescore_each_kind_and_skip_ungrouped_examples():
+    examples = [{"target": "1234", "group": "number"}, {"target": "Human", "group": "word"},
+                {"target": "42", "group": "number"}, {"target": "cat", "group": None}, {"target": "dog"}]
+    grouped = evaluate.scores_by_group("ocr", ["1234", "human", "43", "cat", "dog"], examples)
+    assert list(grouped) == ["number", "word"]
+    assert grouped["number"] == {"accuracy": 0.5, "accuracy_case_insensitive": 0.5, "char_error_rate": 1 / 6, "n": 2}
+    assert grouped["word"]["accuracy"] == 0 and grouped["word"]["accuracy_case_insensitive"] == 1
+    assert evaluate.scores_by_group("vqa", ["red"], [{"target": "red", "group": None}]) == {}
+
+
+def test_examples_are_grouped_by_the_tasks_meta_field():
+    example = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Read it."}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "1234"}]}],
+               "meta": {"kind": "number", "element": "row"}, "source": "x.jsonl:1"}
+    assert evaluate.to_prompt_and_target(example, evaluate.GROUP_FIELDS["ocr"])["group"] == "number"
+    assert evaluate.to_prompt_and_target(example, evaluate.GROUP_FIELDS["gui"])["group"] == "row"
+    assert evaluate.to_prompt_and_target(example)["group"] is None
+    assert evaluate.to_prompt_and_target({**example, "meta": {}}, "kind")["group"] is None
+
+
 def test_score_multi_yes_no():
     scores = evaluate.score_multi(["Yes", "no.", "Yes, they are.", "maybe", "yesno"], ["yes", "no", "no", "yes", "yes"])
     assert scores["correct"] == [True, True, False, False, False]
@@ -142,6 +162,10 @@ def test_smoke_report_has_every_row_and_task(smoke_report):
             assert len(scores["examples"]) == 4
             assert all(isinstance(example["prediction"], str) for example in scores["examples"])
         assert 0 <= row["gui"]["unparseable"] <= 4 and 0.0 <= row["ocr"]["accuracy_case_insensitive"] <= 1.0
+        for task in evaluate.GROUP_FIELDS:  # every OCR and GUI line has a kind: the groups cover the 4 examples
+            groups = row[task].get("by_group", {})
+            assert sum(scores["n"] for scores in groups.values()) == 4
+            assert set(groups) <= {"number", "word", "button", "row"}
     for name in ROWS:
         assert f"| {name} |" in report["table"]
 
