@@ -216,9 +216,12 @@ def predict(model, processor, examples: list[dict[str, Any]], batch_size: int, m
     return predictions
 
 
+PER_EXAMPLE = ("correct", "iou")  # the scorers' per-example lists
+
+
 def summary(scores: dict[str, Any]) -> dict[str, Any]:
-    """A scorer's result without its per-example lists except `correct`."""
-    return {key: value for key, value in scores.items() if key != "iou"}
+    """A scorer's result without its per-example lists."""
+    return {key: value for key, value in scores.items() if key not in PER_EXAMPLE}
 
 
 def scores_by_group(task: str, predictions: list[str], examples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -227,11 +230,9 @@ def scores_by_group(task: str, predictions: list[str], examples: list[dict[str, 
     for index, example in enumerate(examples):
         if example.get("group") is not None:
             members.setdefault(example["group"], []).append(index)
-    grouped = {}
-    for group, indices in sorted(members.items()):
-        scores = SCORERS[task]([predictions[i] for i in indices], [examples[i]["target"] for i in indices])
-        grouped[group] = {key: value for key, value in summary(scores).items() if key != "correct"}
-    return grouped
+    score = SCORERS[task]
+    return {group: summary(score([predictions[i] for i in indices], [examples[i]["target"] for i in indices]))
+            for group, indices in sorted(members.items())}
 
 
 def evaluate_task(model, processor, task: str, examples: list[dict], args: argparse.Namespace) -> dict[str, Any]:
@@ -240,8 +241,8 @@ def evaluate_task(model, processor, task: str, examples: list[dict], args: argpa
     started = time.perf_counter()
     predictions = predict(model, processor, examples, args.batch_size, args.max_new_tokens)
     seconds = time.perf_counter() - started
-    scores = summary(SCORERS[task](predictions, [example["target"] for example in examples]))
-    flags = scores.pop("correct")
+    scored = SCORERS[task](predictions, [example["target"] for example in examples])
+    scores, flags = summary(scored), scored["correct"]
     by_group = scores_by_group(task, predictions, examples)
     if by_group:
         scores["by_group"] = by_group
