@@ -7,6 +7,7 @@ Run: `.venv/tf4/bin/python -m pytest tests/test_train.py -q` (and the same with 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import make_datasets
@@ -229,6 +230,42 @@ def test_token_grid_follows_the_image_processors_resize_and_padding(tiny_repos):
         train.TokenGrid.of(image_processor, (160, 60), torch.tensor([4, 12]))
 
 
+def test_sincos_position_table_codes_row_and_column_apart():
+    side, width = 6, 16
+    table = train.sincos_position_table(side, width)  # [side * side, width]
+    grid = table.reshape(side, side, width)
+    torch.testing.assert_close(grid[:, :1, : width // 2].expand(-1, side, -1), grid[..., : width // 2])  # row only
+    torch.testing.assert_close(grid[:1, :, width // 2 :].expand(side, -1, -1), grid[..., width // 2 :])  # column only
+    torch.testing.assert_close(grid[2, 3, [0, width // 4]], torch.tensor([math.sin(2.0), math.cos(2.0)]))
+    assert len({tuple(row.tolist()) for row in table}) == side * side  # every place has its own code
+    with pytest.raises(ValueError, match="divisible by 4, got 6"):
+        train.sincos_position_table(side, 6)
+
+
+def test_token_positions_are_row_major_centres_per_image():
+    grids = torch.tensor([[4, 6], [2, 2]])  # patches: 2 x 3 and 1 x 1 visual tokens
+    positions = train.token_positions(grids, 2)
+    assert positions.shape == (6 + 1, 2)
+    torch.testing.assert_close(positions[:6], torch.tensor([[0.25, c / 6] for c in (1, 3, 5)]
+                                                           + [[0.75, c / 6] for c in (1, 3, 5)]))
+    torch.testing.assert_close(positions[6], torch.tensor([0.5, 0.5]))
+
+
+def test_position_head_exists_only_with_a_weight(tiny_repos):
+    """Off by default (the shipped recipe's warm-up, seeded, is unchanged); on, it adds its L1 term to the loss."""
+    model = load_model(tiny_repos["aimv2"])
+    assert "position" not in train.VisionWarmupHeads(model).heads
+    heads = train.VisionWarmupHeads(model, 1.0)
+    inputs = packed_inputs(model.config, [(6, 4), (2, 2)])
+    tokens = int(inputs["image_grid_hw"].prod(-1).sum()) // heads.group
+    targets = {name: torch.tensor([train.IGNORE_INDEX]) for name in train.IMAGE_LABELS}
+    targets |= {"chars": torch.full((tokens, train.CHAR_SLOTS), train.IGNORE_INDEX),
+                "element": torch.full((tokens,), train.IGNORE_INDEX), "box": torch.full((tokens, 4), -1.0)}
+    out = heads(inputs["pixel_values"], inputs["image_grid_hw"], **targets)
+    where = train.token_positions(inputs["image_grid_hw"], 2)
+    torch.testing.assert_close(out["loss"], (out["position"] - where).abs().mean())
+
+
 @pytest.fixture(scope="module")
 def dense_data(tmp_path_factory, tiny_repos):
     """Small ocr + gui data and its vision records and dataset."""
@@ -293,16 +330,20 @@ def test_vision_warm_up_trains_only_the_encoder_and_projector(tmp_path):
     make_datasets.main(["--output", str(data), "--small", "--tasks", "vqa,ocr,gui"])
     train.main(["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "vqa,ocr,gui", "--data",
                 str(data), "--val", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "2", "--num-threads", "1",
-                "--learning-rate", "1e-2", "--work-dir", str(work), "--output", str(tmp_path / "out")])
+                "--learning-rate", "1e-2", "--position-table", "sincos", "--position-loss-weight", "1",
+                "--work-dir", str(work), "--output", str(tmp_path / "out")])
     metrics = json.loads((work / "vision" / "model" / train.METRICS_NAME).read_text())
     assert metrics["trained_modules"] == ["vision_encoder", "mlp"] and metrics["tasks"] == ["vqa", "ocr", "gui"]
     assert metrics["global_step"] == 2 and metrics["final_eval_loss"] > 0
     accuracy = metrics["val_accuracy"]
-    assert {"chars", "element", "box_error"} <= set(accuracy) <= {*train.IMAGE_LABELS, "chars", "element", "box_error"}
-    assert all(0 <= value <= 1 for name, value in accuracy.items() if name != "box_error")
-    assert 0 < accuracy["box_error"] < 1000
+    errors = {"box_error", "position_error"}
+    assert {"chars", "element", *errors} <= set(accuracy) <= {*train.IMAGE_LABELS, "chars", "element", *errors}
+    assert all(0 <= value <= 1 for name, value in accuracy.items() if name not in errors)
+    assert all(0 < accuracy[name] < 1000 for name in errors)
     before = load_file(str(work / "init" / "model.safetensors"))
     after = load_file(str(work / "vision" / "model" / "model.safetensors"))
+    table = before["vision_encoder.preprocessor.pos_embed"][0]  # --position-table sincos
+    torch.testing.assert_close(table, train.sincos_position_table(int(len(table) ** 0.5), table.shape[1]))
     assert before.keys() == after.keys()  # no label-head weights in the saved model
     changed = {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
     assert changed == {"vision_encoder", "mlp"}
