@@ -377,14 +377,15 @@ class VisionWarmupHeads(torch.nn.Module):
     place on the token grid, so the tokens keep the absolute position that grounding answers need (measured on
     AndesVL-Tiny without this head: R2 of a linear read-out of the grid position fell from 0.93 at the sin-cos init to
     0.5 after the shape/colour warm-up). Loss: the sum of the cross-entropies (each over its labelled entries),
-    BOX_LOSS_WEIGHT x the L1 box error and position_loss_weight x the L1 position error. The heads are dropped after the stage; what the stage leaves is an
-    encoder whose tokens carry what the answers need."""
+    BOX_LOSS_WEIGHT x the L1 box error and position_loss_weight x the L1 position error. The heads are dropped after
+    the stage; what the stage leaves is an encoder whose tokens carry what the answers need."""
 
     def __init__(self, model, position_loss_weight: float = 0.0):
         super().__init__()
         self.position_loss_weight = position_loss_weight
         self.vision_encoder, self.mlp = model.vision_encoder, model.mlp
         self.group = model.config.image_token_group  # patches per visual token (2x2 merge)
+        self.merge_size = model.config.vision_config.merge_size
         width = model.config.text_config.hidden_size
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values))
                                           for name, values in IMAGE_LABELS.items()})
@@ -415,7 +416,7 @@ class VisionWarmupHeads(torch.nn.Module):
             error = (logits["box"][boxed] - targets["box"][boxed]).abs().mean()
             losses.append(BOX_LOSS_WEIGHT * error)
         if "position" in logits:
-            where = token_positions(image_grid_hw, int(self.group**0.5)).to(tokens)
+            where = token_positions(image_grid_hw, self.merge_size).to(tokens)
             losses.append(self.position_loss_weight * (logits["position"] - where).abs().mean())
         return {"loss": torch.stack(losses).sum(), **logits}
 
@@ -441,7 +442,7 @@ def vision_target_accuracy(heads: VisionWarmupHeads, dataset: VisionTargetDatase
         sums["box_error"][0] += float((logits["box"][boxed] - batch["box"][boxed]).abs().mean(-1).sum()) * 1000
         sums["box_error"][1] += int(boxed.sum())
         if "position" in logits:
-            where = token_positions(batch["image_grid_hw"], int(heads.group**0.5))
+            where = token_positions(batch["image_grid_hw"], heads.merge_size)
             sums["position_error"][0] += float((logits["position"] - where).abs().mean(-1).sum()) * 1000
             sums["position_error"][1] += len(where)
     heads.train()
