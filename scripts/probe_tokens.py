@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import finetune_lora as ft  # noqa: E402
 import train  # noqa: E402  (TokenGrid, gui_targets, GUI_LABELS, token_positions: the warm-up's own targets)
 
 
@@ -40,16 +41,15 @@ def load(model_dir: str):
 
 
 def gui_screens(data: Path, split: str, count: int) -> list[dict]:
-    """The first `count` records of `data/gui/<split>.jsonl` with their image path resolved."""
+    """The first `count` screens of `data/gui/<split>.jsonl` as the vision warm-up reads them (`train.vision_records`:
+    validated lines, resolved image paths, the generator's meta checked)."""
     path = data / "gui" / f"{split}.jsonl"
     if not path.is_file():
         raise SystemExit(f"no GUI split at {path}: generate it with scripts/make_datasets.py --tasks gui")
-    records = [json.loads(line) for line in path.read_text().splitlines()[:count]]
+    records = train.vision_records(ft.load_jsonl(path), "gui")
     if len(records) < count:
         raise SystemExit(f"{path} has {len(records)} screens, fewer than the {count} asked for")
-    for record in records:
-        record["image"] = path.parent / record["messages"][0]["content"][0]["path"]
-    return records
+    return records[:count]
 
 
 @torch.no_grad()
