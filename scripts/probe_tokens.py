@@ -34,10 +34,10 @@ import train  # noqa: E402  (TokenGrid, gui_targets, GUI_LABELS, token_positions
 
 
 def load(model_dir: str):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(model_dir, trust_remote_code=True).image_processor
+    return model.eval(), ft.load_processor(model_dir).image_processor
 
 
 def gui_screens(data: Path, split: str, count: int) -> list[dict]:
@@ -53,25 +53,19 @@ def gui_screens(data: Path, split: str, count: int) -> list[dict]:
 
 
 @torch.no_grad()
-def screen_tokens(model, image_processor, record: dict) -> dict[str, torch.Tensor]:
-    """One screen -> its visual tokens [T, D], their raw pixels [T, group * C*p*p], grid centres [T, 2] and label
-    targets [T] (IGNORE_INDEX on tokens without label text)."""
-    from PIL import Image
-
-    with Image.open(record["image"]) as image:
-        size = image.size
-        inputs = image_processor(images=[image.convert("RGB")], return_tensors="pt")
-    pixels, grid_hw = inputs["pixel_values"].float(), inputs["image_grid_hw"]
+def screen_tokens(model, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One screen, as `train.VisionTargetDataset` prepares it for the warm-up -> its visual tokens [T, D], their raw
+    pixels [T, group * C*p*p], grid centres [T, 2] and label targets [T] (IGNORE_INDEX on tokens without label text)."""
+    pixels, grid_hw = item["pixel_values"].float(), item["image_grid_hw"]
     group, merge = model.config.image_token_group, model.config.vision_config.merge_size
-    grid = train.TokenGrid.of(image_processor, size, grid_hw[0])
-    labels, _ = train.gui_targets(record["meta"], grid)
     return {"tokens": model.get_image_features(pixels, grid_hw),  # [T, D]
             "pixels": pixels.reshape(-1, pixels.shape[-1] * group),  # [T, group * C*p*p], patches in 2x2-block order
-            "positions": train.token_positions(grid_hw, merge), "labels": labels}
+            "positions": train.token_positions(grid_hw, merge), "labels": item["element"]}
 
 
 def collect(model, image_processor, records: list[dict]) -> dict[str, torch.Tensor]:
-    screens = [screen_tokens(model, image_processor, record) for record in records]
+    dataset = train.VisionTargetDataset(records, image_processor)
+    screens = [screen_tokens(model, dataset[index]) for index in range(len(dataset))]
     return {key: torch.cat([screen[key] for screen in screens]) for key in screens[0]}
 
 
