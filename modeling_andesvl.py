@@ -15,6 +15,9 @@ Attention goes through transformers' attention registry (`eager`, `sdpa`, `flash
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -636,8 +639,28 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
             raise ValueError(f"Unknown adapter {name!r} for {self.name_or_path}; available adapters: {available}.")
         folder = _repo_folder(self.name_or_path, f"adapters/{name}/*") / "adapters" / name
         check_adapter_matches_model(folder, self)
-        self.load_adapter(str(folder), adapter_name=adapter_name or name, **kwargs)
+        check_adapter_fits_loaded_adapters(folder, self)
+        report_logger, report_filter = logging.getLogger("transformers.integrations.peft"), _TiedTokenRowsReport()
+        report_logger.addFilter(report_filter)
+        try:
+            self.load_adapter(str(folder), adapter_name=adapter_name or name, **kwargs)
+        finally:
+            report_logger.removeFilter(report_filter)
+        self._check_tied_token_rows(adapter_name or name)
         self.set_adapter(adapter_name or name)
+
+    def _check_tied_token_rows(self, adapter_name: str) -> None:
+        """An adapter's trainable-token rows (peft `trainable_token_indices`) are saved once, under `embed_tokens`;
+        with tied embeddings the output rows must be those same rows, or they would stay at the base's values."""
+        inputs = getattr(getattr(self.get_input_embeddings(), "token_adapter", None), "trainable_tokens_delta", {})
+        if adapter_name not in inputs or not self.config.tie_word_embeddings:
+            return
+        outputs = getattr(getattr(self.get_output_embeddings(), "token_adapter", None), "trainable_tokens_delta", {})
+        if adapter_name not in outputs or outputs[adapter_name] is not inputs[adapter_name]:
+            raise RuntimeError(
+                f"Adapter {adapter_name!r} trains {inputs[adapter_name].shape[0]} token rows of the tied embeddings, "
+                "but peft did not tie them to the output layer; upgrade peft (>= 0.15)."
+            )
 
     # ------------------------------------------------------------------------------------------------------------------
     # The official `chat()` / `completion()` API, as thin wrappers over the processor and `generate`
@@ -697,6 +720,50 @@ def _repo_folder(name_or_path: str, pattern: str = "adapters/*/adapter_config.js
     return Path(snapshot_download(name_or_path, allow_patterns=[pattern]))
 
 
+def check_adapter_fits_loaded_adapters(folder: Path, model: nn.Module) -> None:
+    """Raise a clear ValueError, instead of peft's TypeError deep in injection, when the adapter in `folder` puts LoRA
+    on a module that an already loaded adapter trains in full (`modules_to_save`), or the other way round: peft cannot
+    hold both on one module (for example an adapter trained with `--train-projector` and one with LoRA on `mlp.0`)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    targets, saved = config.get("target_modules") or [], config.get("modules_to_save") or []
+
+    def lora_target(name: str) -> bool:  # peft's rules: a string is a regex fullmatch, a list matches name suffixes
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == target or name.endswith(f".{target}") for target in targets)
+
+    clashes = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "ModulesToSaveWrapper" and lora_target(name):
+            owners = sorted(module.modules_to_save) or "a deleted adapter (peft keeps its wrapper)"
+            clashes.append(f"{name} (LoRA here, trained in full by {owners})")
+        elif hasattr(module, "lora_A") and any(name == key or name.endswith(f".{key}") for key in saved):
+            clashes.append(f"{name} (trained in full here, LoRA of {sorted(module.lora_A)})")
+    if clashes:
+        raise ValueError(
+            f"Adapter {folder} cannot be loaded next to the adapters already loaded: {len(clashes)} modules clash, "
+            f"{'; '.join(clashes[:3])}. peft cannot hold LoRA and a full copy (modules_to_save) of one module: load "
+            "it on a freshly loaded model, or train both adapters the same way (both with or both without "
+            "finetune_lora.py --train-projector)."
+        )
+
+
+class _TiedTokenRowsReport(logging.Filter):
+    """Drops transformers 5's adapter load report when all it lists as MISSING are names that peft's trainable-token
+    wrappers add: the tied output copy of the rows (`lm_head.token_adapter.trainable_tokens_delta.<name>`; peft saves
+    them once, under `embed_tokens`, and shares them, which `_check_tied_token_rows` verifies) and the wrapped base
+    weights (`...token_adapter.base_layer.weight`, loaded with the base model). Nothing is newly initialized."""
+
+    WRAPPER_NAMES = ("lm_head.token_adapter.trainable_tokens_delta.", ".token_adapter.base_layer.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rows = [line.split("|") for line in record.getMessage().splitlines() if line.count("|") >= 2]
+        rows = [(key.strip(), status.strip()) for key, status, *_ in rows]
+        rows = [(key, status) for key, status in rows if key not in ("Key", "") and set(key) != {"-"}]
+        spurious = [status == "MISSING" and any(name in key for name in self.WRAPPER_NAMES) for key, status in rows]
+        return not rows or not all(spurious)
+
+
 def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
     """Raise a clear ValueError when an adapter folder is missing, corrupt, or was trained for another base."""
     weights = folder / "adapter_model.safetensors"
@@ -711,6 +778,11 @@ def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
         raise ValueError(f"{weights} is not a readable safetensors file ({error}).") from error
     problems = []
     for key, shape in shapes.items():
+        if key.endswith(".token_adapter.trainable_tokens_delta"):  # peft trainable tokens: (tokens, embedding width)
+            width = model.get_input_embeddings().embedding_dim
+            if shape[1] != width:
+                problems.append(f"{key}: adapter token rows of width {shape[1]}, this model's embeddings have {width}")
+            continue
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module_name = key.removeprefix("base_model.model.").split(".lora_")[0]

@@ -27,7 +27,9 @@ that leaves no assistant token, raises a ValueError naming the line.
 
 Model: the base is loaded with `AutoModelForImageTextToText` (`trust_remote_code=True`) and frozen; LoRA goes on the
 language model's projections (the model's `default_lora_target_modules`), plus the projector with
-`--train-projector` (`modules_to_save`). `--qalft int4|int8` (quantization-aware LoRA fine-tuning) makes every linear
+`--train-projector` (`modules_to_save`), plus the embedding rows of the tokens the training answers use with
+`--train-answer-tokens` (peft `trainable_token_indices`; with tied embeddings the output rows follow).
+`--qalft int4|int8` (quantization-aware LoRA fine-tuning) makes every linear
 layer that `scripts/quantize.py` would quantize compute with `fake_quantize(weight)`, the exact weights of the deployed
 quantized base, so the adapter is trained against the base it will run on.
 
@@ -352,6 +354,18 @@ def apply_qalft(model: nn.Module, spec: dict[str, Any], quantization) -> list[st
     return [name for name, _ in selected]
 
 
+def answer_token_ids(examples: list[dict], tokenizer) -> list[int]:
+    """Sorted ids of every token in the assistant answers of `examples`, plus the `<|im_end|>` that closes them: the
+    vocabulary rows an adapter must move to write these answers (`--train-answer-tokens`)."""
+    ids = {tokenizer.convert_tokens_to_ids(TURN_END)}
+    for example in examples:
+        for message in example["messages"]:
+            if message["role"] == "assistant":
+                text = "".join(part["text"] for part in message["content"] if part["type"] == "text")
+                ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted(ids)
+
+
 def add_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -361,6 +375,7 @@ def add_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         lora_dropout=args.lora_dropout,
         target_modules=args.target_modules or model.default_lora_target_modules,
         modules_to_save=["mlp.0", "mlp.2"] if args.train_projector else None,
+        trainable_token_indices=args.trainable_tokens or None,  # embed_tokens rows (and the tied output rows)
     )
     return get_peft_model(model, config)  # freezes everything but the adapter (and modules_to_save)
 
@@ -507,7 +522,9 @@ def finalize_adapter_folder(output_dir: Path, base_model_id: str) -> list[str]:
 
     with safe_open(str(output_dir / "adapter_model.safetensors"), framework="pt") as handle:
         keys = sorted(handle.keys())
-    stray = [key for key in keys if "lora_" not in key and not key.startswith("base_model.model.mlp.")]
+    expected = ("lora_", ".token_adapter.trainable_tokens_delta")  # LoRA factors, --train-answer-tokens rows
+    stray = [key for key in keys
+             if not any(part in key for part in expected) and not key.startswith("base_model.model.mlp.")]
     if stray or any("parametrizations" in key for key in keys):
         raise RuntimeError(f"The saved adapter has {len(stray)} unexpected keys, e.g. {stray[:3]}.")
     return keys
@@ -569,6 +586,7 @@ def adapter_info(args, metrics: dict[str, Any], base_quantization) -> dict[str, 
             "dropout": args.lora_dropout,
             "target_modules": metrics["args"]["target_modules"],
             "modules_to_save": ["mlp.0", "mlp.2"] if args.train_projector else None,
+            "trainable_tokens": len(args.trainable_tokens or ()),
         },
         "data": {
             "train_files": [str(path) for path in args.train_file],
@@ -626,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--target-modules", help="regex fullmatched against module names (default: the model's "
                       "default_lora_target_modules, the language model's attention and MLP projections)")
     lora.add_argument("--train-projector", action="store_true", help="also train the projector (mlp.0, mlp.2) fully")
+    lora.add_argument("--train-answer-tokens", action="store_true", help="also train the embedding rows of the tokens "
+                      "that the training answers use (peft trainable_token_indices)")
 
     qalft = parser.add_argument_group("quantization-aware LoRA fine-tuning (QALFT)")
     qalft.add_argument("--qalft", choices=tuple(QALFT_BITS), help="train against this fake-quantized base")
@@ -673,6 +693,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--model {args.model} is not a local folder: give --output-dir")
         args.output_dir = Path(args.model) / "adapters" / args.name
     args.work_dir = args.work_dir or Path("outputs") / f"finetune-{args.name}"
+    args.trainable_tokens = None  # main() fills in the answer token ids with --train-answer-tokens
     return args
 
 
@@ -700,6 +721,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict[str, Any]
     set_seed(args.seed)
     processor = load_processor(args.model)
     model = load_base_model(args)
+    args.trainable_tokens = answer_token_ids(train_examples, processor.tokenizer) if args.train_answer_tokens else None
     args.target_modules = args.target_modules or model.default_lora_target_modules
     quantization = quantization_module(model) if args.qalft else None
     qalft = qalft_spec(args, quantization) if args.qalft else None

@@ -143,6 +143,25 @@ def test_projector_can_be_trained_through_modules_to_save(adapter_repo, inputs, 
     assert all("lora_" in name or "modules_to_save" in name for name in trainable)
 
 
+@pytest.mark.parametrize("order", [("full", "lora"), ("lora", "full")])
+def test_lora_and_full_copy_of_one_module_clash_with_a_clear_error(adapter_repo, tmp_path, order):
+    """peft cannot hold LoRA on the projector and a full copy of it (modules_to_save) at once: loading the second
+    adapter names the modules and the way out, instead of peft's TypeError deep in injection."""
+    repo = tmp_path / "AndesVL-1B-clash"
+    shutil.copytree(adapter_repo, repo, symlinks=True)
+    make_adapter(repo, repo / "adapters" / "full", rank=4, seed=3, modules_to_save=["mlp.0", "mlp.2"])
+    model = load_model(repo)
+    torch.manual_seed(4)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=r"(mlp\.[02]|.*q_proj)")
+    get_peft_model(model, config).save_pretrained(repo / "adapters" / "lora")
+    model = load_model(repo)
+    model.load_scenario_adapter(order[0])
+    with pytest.raises(ValueError, match=r"cannot be loaded next to .*: 2 modules clash, mlp\.0 .*--train-projector"):
+        model.load_scenario_adapter(order[1])
+    fresh = load_model(repo)  # each loads on its own
+    fresh.load_scenario_adapter(order[1])
+
+
 def test_unknown_adapter_lists_the_available_ones(adapter_repo):
     with pytest.raises(ValueError, match=r"Unknown adapter 'chart'.*\['gui', 'ocr'\]"):
         load_model(adapter_repo).load_scenario_adapter("chart")
