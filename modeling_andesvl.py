@@ -627,6 +627,15 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         """Names of the scenario adapters shipped as `adapters/<name>/` in the repo this model was loaded from."""
         return sorted(path.parent.name for path in _repo_folder(self.name_or_path).glob("adapters/*/adapter_config.json"))
 
+    def enable_adapters(self) -> None:
+        """transformers' `enable_adapters`, which turns the LoRA layers back on but not the full copies of
+        `modules_to_save` (a projector trained with `--train-projector`) that `disable_adapters` turned off: without
+        this, every adapter used after a disable/enable round would run on the base projector."""
+        super().enable_adapters()
+        for module in self.modules():
+            if type(module).__name__ == "ModulesToSaveWrapper":
+                module.enable_adapters(True)
+
     def load_scenario_adapter(self, name: str, adapter_name: str | None = None, **kwargs: Any) -> None:
         """Load and activate `adapters/<name>/` of this model's repo (local folder or Hub id) with `load_adapter`.
 
@@ -721,9 +730,10 @@ def _repo_folder(name_or_path: str, pattern: str = "adapters/*/adapter_config.js
 
 
 def check_adapter_fits_loaded_adapters(folder: Path, model: nn.Module) -> None:
-    """Raise a clear ValueError, instead of peft's TypeError deep in injection, when the adapter in `folder` puts LoRA
-    on a module that an already loaded adapter trains in full (`modules_to_save`), or the other way round: peft cannot
-    hold both on one module (for example an adapter trained with `--train-projector` and one with LoRA on `mlp.0`)."""
+    """Raise a clear ValueError, instead of peft's errors deep in injection or at the next forward, when the adapter in
+    `folder` cannot live next to the adapters already loaded: it puts LoRA on a module that a loaded adapter trains in
+    full (`modules_to_save`), or the other way round (e.g. `--train-projector` next to LoRA on `mlp.0`); or only one
+    side has trainable token rows (peft's token layer raises KeyError for an active adapter without rows)."""
     config = json.loads((folder / "adapter_config.json").read_text())
     targets, saved = config.get("target_modules") or [], config.get("modules_to_save") or []
 
@@ -739,6 +749,17 @@ def check_adapter_fits_loaded_adapters(folder: Path, model: nn.Module) -> None:
             clashes.append(f"{name} (LoRA here, trained in full by {owners})")
         elif hasattr(module, "lora_A") and any(name == key or name.endswith(f".{key}") for key in saved):
             clashes.append(f"{name} (trained in full here, LoRA of {sorted(module.lora_A)})")
+    loaded = sorted(getattr(model, "peft_config", None) or {})
+    token_layers = [module for module in model.modules() if type(module).__name__ == "TrainableTokensLayer"]
+    with_rows = sorted({name for module in token_layers for name in module.token_indices})
+    without_rows = [name for name in loaded if name not in with_rows]
+    if loaded and (without_rows if config.get("trainable_token_indices") else with_rows):
+        raise ValueError(
+            f"Adapter {folder} cannot be loaded next to the adapters already loaded: peft cannot switch between "
+            f"adapters with trainable token rows ({with_rows or 'this one'}) and adapters without them "
+            f"({without_rows or 'this one'}). Load it on a freshly loaded model, or train all adapters of the set "
+            "alike (all or none with finetune_lora.py --train-answer-tokens)."
+        )
     if clashes:
         raise ValueError(
             f"Adapter {folder} cannot be loaded next to the adapters already loaded: {len(clashes)} modules clash, "
@@ -779,7 +800,7 @@ def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
     problems = []
     for key, shape in shapes.items():
         if key.endswith(".token_adapter.trainable_tokens_delta"):  # peft trainable tokens: (tokens, embedding width)
-            width = model.get_input_embeddings().embedding_dim
+            width = model.config.text_config.hidden_size  # the embedding may already be wrapped by a loaded adapter
             if shape[1] != width:
                 problems.append(f"{key}: adapter token rows of width {shape[1]}, this model's embeddings have {width}")
             continue

@@ -304,7 +304,7 @@ def test_qalft_run_saves_a_plain_adapter_for_float_and_quantized_bases(smoke, re
     assert torch.isfinite(logits(plain, inputs)).all()
 
 
-def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(repo, dataset, processor, tmp_path,
+def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(smoke, repo, dataset, processor, tmp_path,
                                                                           reuse_processor):
     """`--train-answer-tokens` (+ `--train-projector`): the adapter holds one delta row per token of the training
     answers plus `<|im_end|>`, moves exactly those input and (tied) output rows, and switches off exactly."""
@@ -357,9 +357,25 @@ def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(repo, 
     assert (moved[rows] > 0).all() and (moved[others] == 0).all()
     hidden = torch.randn(1, 1, base_weight.shape[1])
     assert torch.allclose(model.get_output_embeddings()(hidden)[0, 0], embeddings @ hidden[0, 0], atol=1e-5)
-    assert not torch.allclose(logits(model, inputs), base, atol=1e-4)
+    adapted = logits(model, inputs)
+    assert not torch.allclose(adapted, base, atol=1e-4)
     model.disable_adapters()
     assert torch.equal(logits(model, inputs), base)
+    model.enable_adapters()  # the projector's full copy comes back too, not only the LoRA layers
+    assert torch.equal(logits(model, inputs), adapted)
+    # peft cannot switch between adapters with and without token rows: a clear error names both sides, either order
+    mixed = load_model(repo)
+    mixed.load_scenario_adapter(name)
+    mixed.load_scenario_adapter(name, adapter_name="again")  # a second adapter with token rows loads next to it
+    single = load_model(repo)
+    single.load_scenario_adapter(name)
+    assert torch.equal(logits(mixed, inputs), logits(single, inputs))
+    with pytest.raises(ValueError, match=r"token rows \(\['again', 'tokens'\]\) and adapters without them \(this"):
+        mixed.load_scenario_adapter(NAME)
+    mixed = load_model(repo)
+    mixed.load_scenario_adapter(NAME)
+    with pytest.raises(ValueError, match=r"token rows \(this one\) and adapters without them \(\[.smoke"):
+        mixed.load_scenario_adapter(name)
     # transformers 5 reports the tied output rows and the wrapped base weights as MISSING ("newly initialized"); they
     # are not (the checks above), and that report is silenced
     assert not [message for message in reports.messages if "MISSING" in message], "\n".join(reports.messages)
