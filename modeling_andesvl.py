@@ -649,14 +649,15 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         folder = _repo_folder(self.name_or_path, f"adapters/{name}/*") / "adapters" / name
         check_adapter_matches_model(folder, self)
         check_adapter_fits_loaded_adapters(folder, self)
+        adapter_name = adapter_name or name
         report_logger, report_filter = logging.getLogger("transformers.integrations.peft"), _TiedTokenRowsReport()
         report_logger.addFilter(report_filter)
         try:
-            self.load_adapter(str(folder), adapter_name=adapter_name or name, **kwargs)
+            self.load_adapter(str(folder), adapter_name=adapter_name, **kwargs)
         finally:
             report_logger.removeFilter(report_filter)
-        self._check_tied_token_rows(adapter_name or name)
-        self.set_adapter(adapter_name or name)
+        self._check_tied_token_rows(adapter_name)
+        self.set_adapter(adapter_name)
 
     def _check_tied_token_rows(self, adapter_name: str) -> None:
         """An adapter's trainable-token rows (peft `trainable_token_indices`) are saved once, under `embed_tokens`;
@@ -737,21 +738,23 @@ def check_adapter_fits_loaded_adapters(folder: Path, model: nn.Module) -> None:
     config = json.loads((folder / "adapter_config.json").read_text())
     targets, saved = config.get("target_modules") or [], config.get("modules_to_save") or []
 
-    def lora_target(name: str) -> bool:  # peft's rules: a string is a regex fullmatch, a list matches name suffixes
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(name == target or name.endswith(f".{target}") for target in targets)
+    def listed(name: str, keys: list[str]) -> bool:  # peft's rule for a list of module names: name suffixes
+        return any(name == key or name.endswith(f".{key}") for key in keys)
 
-    clashes = []
+    def lora_target(name: str) -> bool:  # a string of target modules is a regex, fullmatched
+        return re.fullmatch(targets, name) is not None if isinstance(targets, str) else listed(name, targets)
+
+    clashes, with_rows = [], set()
     for name, module in model.named_modules():
-        if type(module).__name__ == "ModulesToSaveWrapper" and lora_target(name):
+        kind = type(module).__name__
+        if kind == "ModulesToSaveWrapper" and lora_target(name):
             owners = sorted(module.modules_to_save) or "a deleted adapter (peft keeps its wrapper)"
             clashes.append(f"{name} (LoRA here, trained in full by {owners})")
-        elif hasattr(module, "lora_A") and any(name == key or name.endswith(f".{key}") for key in saved):
+        elif hasattr(module, "lora_A") and listed(name, saved):
             clashes.append(f"{name} (trained in full here, LoRA of {sorted(module.lora_A)})")
-    loaded = sorted(getattr(model, "peft_config", None) or {})
-    token_layers = [module for module in model.modules() if type(module).__name__ == "TrainableTokensLayer"]
-    with_rows = sorted({name for module in token_layers for name in module.token_indices})
+        elif kind == "TrainableTokensLayer":
+            with_rows.update(module.token_indices)
+    loaded, with_rows = sorted(getattr(model, "peft_config", None) or {}), sorted(with_rows)
     without_rows = [name for name in loaded if name not in with_rows]
     if loaded and (without_rows if config.get("trainable_token_indices") else with_rows):
         raise ValueError(

@@ -328,30 +328,15 @@ def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(smoke,
     model = load_model(repo)
     inputs = packed_inputs(model.config, [(4, 4)])
     rows = sorted(expected)
-    reports = RecordingHandler()
-    logging.getLogger("transformers.integrations.peft").addHandler(reports)
     others = torch.tensor([token for token in range(200) if token not in expected])
     base_weight = model.get_input_embeddings().weight.detach().clone()
     base = logits(model, inputs)
+    reports = RecordingHandler()
+    logging.getLogger("transformers.integrations.peft").addHandler(reports)
     try:
         model.load_scenario_adapter(name)
     finally:
         logging.getLogger("transformers.integrations.peft").removeHandler(reports)
-    report_filter = sys.modules[type(model).__module__]._TiedTokenRowsReport()
-    other = "Key | Status |\n----+----+\nlanguage_model.lm_head.weight | MISSING |"
-    assert report_filter.filter(logging.makeLogRecord({"msg": other}))
-    wide = repo / "adapters" / "tokens-wide"  # rows of another width: a clear error before peft sees them
-    shutil.copytree(output, wide)
-    state = adapter_tensors(wide)
-    state[deltas[0]] = torch.zeros(state[deltas[0]].shape[0], state[deltas[0]].shape[1] + 1)
-    save_file(state, wide / "adapter_model.safetensors")
-    try:
-        with pytest.raises(ValueError, match=r"does not fit .* token rows of width \d+, this model's embeddings have"):
-            load_model(repo).load_scenario_adapter("tokens-wide")
-    finally:
-        shutil.rmtree(wide)
-    tied = "Key | Status |\n----+----+\nlanguage_model.lm_head.token_adapter.trainable_tokens_delta.x | MISSING |"
-    assert not report_filter.filter(logging.makeLogRecord({"msg": tied}))
     embeddings = model.get_input_embeddings()(torch.arange(base_weight.shape[0]))
     moved = (embeddings - base_weight).abs().sum(-1)
     assert (moved[rows] > 0).all() and (moved[others] == 0).all()
@@ -377,8 +362,24 @@ def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(smoke,
     with pytest.raises(ValueError, match=r"token rows \(this one\) and adapters without them \(\[.smoke"):
         mixed.load_scenario_adapter(name)
     # transformers 5 reports the tied output rows and the wrapped base weights as MISSING ("newly initialized"); they
-    # are not (the checks above), and that report is silenced
+    # are not (the checks above), and that report is silenced, but no other
     assert not [message for message in reports.messages if "MISSING" in message], "\n".join(reports.messages)
+    report_filter = sys.modules[type(model).__module__]._TiedTokenRowsReport()
+    other = "Key | Status |\n----+----+\nlanguage_model.lm_head.weight | MISSING |"
+    assert report_filter.filter(logging.makeLogRecord({"msg": other}))
+    tied = "Key | Status |\n----+----+\nlanguage_model.lm_head.token_adapter.trainable_tokens_delta.x | MISSING |"
+    assert not report_filter.filter(logging.makeLogRecord({"msg": tied}))
+
+    wide = repo / "adapters" / "tokens-wide"  # rows of another width: a clear error before peft sees them
+    shutil.copytree(output, wide)
+    state = adapter_tensors(wide)
+    state[deltas[0]] = torch.zeros(state[deltas[0]].shape[0], state[deltas[0]].shape[1] + 1)
+    save_file(state, wide / "adapter_model.safetensors")
+    try:
+        with pytest.raises(ValueError, match=r"does not fit .* token rows of width \d+, this model's embeddings have"):
+            load_model(repo).load_scenario_adapter("tokens-wide")
+    finally:
+        shutil.rmtree(wide)
 
 
 class RecordingHandler(logging.Handler):
