@@ -630,11 +630,37 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
     def enable_adapters(self) -> None:
         """transformers' `enable_adapters`, which turns the LoRA layers back on but not the full copies of
         `modules_to_save` (a projector trained with `--train-projector`) that `disable_adapters` turned off: without
-        this, every adapter used after a disable/enable round would run on the base projector."""
+        this, every adapter used after a disable/enable round would run on the base projector. A copy comes back
+        only where the active adapter saved one."""
         super().enable_adapters()
-        for module in self.modules():
-            if type(module).__name__ == "ModulesToSaveWrapper":
-                module.enable_adapters(True)
+        active = self.active_adapters()
+        for wrapper in self._modules_to_save_wrappers():
+            wrapper.enable_adapters(all(name in wrapper._adapters for name in active))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """transformers' `set_adapter`, except for modules that some loaded adapters save in full (`modules_to_save`)
+        and the one being activated does not: transformers asks them to switch too and fails ("Adapter gui not found
+        in {'ocr'}", with `ocr` trained with `--train-projector` and `gui` without). Like peft's own
+        `PeftModel.set_adapter`, such a module runs its base weights while that adapter is active."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in getattr(self, "peft_config", {})]
+        if unknown:
+            raise ValueError(f"{len(unknown)} adapter(s) not loaded: {unknown}; loaded: "
+                             f"{list(getattr(self, 'peft_config', {}))}.")
+        from peft.tuners.tuners_utils import BaseTunerLayer  # peft is installed once an adapter is loaded
+
+        layers = [module for module in self.modules() if isinstance(module, BaseTunerLayer)]
+        enabled = not any(layer.disable_adapters for layer in layers)  # disable_adapters() stays in force
+        for layer in layers:
+            layer.set_adapter(adapter_name)
+        for wrapper in self._modules_to_save_wrappers():
+            saved = all(name in wrapper._adapters for name in names)
+            if saved:
+                wrapper.set_adapter(adapter_name)
+            wrapper.enable_adapters(saved and enabled)
+
+    def _modules_to_save_wrappers(self) -> list[nn.Module]:
+        return [module for module in self.modules() if type(module).__name__ == "ModulesToSaveWrapper"]
 
     def load_scenario_adapter(self, name: str, adapter_name: str | None = None, **kwargs: Any) -> None:
         """Load and activate `adapters/<name>/` of this model's repo (local folder or Hub id) with `load_adapter`.

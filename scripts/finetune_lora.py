@@ -34,7 +34,8 @@ layer that `scripts/quantize.py` would quantize compute with `fake_quantize(weig
 quantized base, so the adapter is trained against the base it will run on.
 
 Outputs: checkpoints every `--save-steps` in `--work-dir` (with `args.json`); the adapter in `--output-dir` (default
-`<--model>/adapters/<--name>`) as plain PEFT files with `base_model_name_or_path` = `--base-model-id`, plus
+`<--model>/adapters/<--name>`) as plain PEFT files with `base_model_name_or_path` = `--base-model-id` (tensors in
+`--save-dtype`: float32 as peft saves them, or bfloat16 at half the size; loading casts them to the model's dtype), plus
 `andesvl_adapter.json` (scenario, base, QALFT, LoRA and data settings, steps, eval metrics) and `metrics.json` (loss
 curves, final train/eval losses, token accuracy, steps, wall time, the resolved arguments).
 """
@@ -508,8 +509,9 @@ def resume_checkpoint(args: argparse.Namespace) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def finalize_adapter_folder(output_dir: Path, base_model_id: str) -> list[str]:
-    """Point the adapter at the Hub base, drop the Trainer/peft by-products, and check the saved keys."""
+def finalize_adapter_folder(output_dir: Path, base_model_id: str, save_dtype: str = "float32") -> list[str]:
+    """Point the adapter at the Hub base, drop the Trainer/peft by-products, store the tensors in `save_dtype`, and
+    check the saved keys."""
     config_path = output_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_model_id
@@ -518,15 +520,21 @@ def finalize_adapter_folder(output_dir: Path, base_model_id: str) -> list[str]:
     card = output_dir / "README.md"
     if card.is_file() and "library_name: peft" in card.read_text():  # peft's placeholder card, with a local path
         card.unlink()
-    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    with safe_open(str(output_dir / "adapter_model.safetensors"), framework="pt") as handle:
-        keys = sorted(handle.keys())
+    weights_path = output_dir / "adapter_model.safetensors"
+    tensors = load_file(str(weights_path))
+    keys = sorted(tensors)
     expected = ("lora_", ".token_adapter.trainable_tokens_delta")  # LoRA factors, --train-answer-tokens rows
     stray = [key for key in keys
              if not any(part in key for part in expected) and not key.startswith("base_model.model.mlp.")]
     if stray or any("parametrizations" in key for key in keys):
         raise RuntimeError(f"The saved adapter has {len(stray)} unexpected keys, e.g. {stray[:3]}.")
+    dtype = getattr(torch, save_dtype)
+    if any(tensor.is_floating_point() and tensor.dtype != dtype for tensor in tensors.values()):
+        # peft loads adapter tensors with load_state_dict, which casts them back to the model's dtype
+        cast = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in tensors.items()}
+        save_file(cast, str(weights_path), metadata={"format": "pt"})
     return keys
 
 
@@ -629,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--output-dir", type=Path, help="adapter folder (default: <--model>/adapters/<--name>)")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="base weights dtype (auto: the checkpoint's, as scripts/quantize.py loads it)")
+    model.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="dtype of the saved adapter tensors (training stays in --dtype; bfloat16 halves the files)")
     model.add_argument("--attn-implementation", help="e.g. sdpa, eager, flash_attention_2 (default: transformers')")
 
     data = parser.add_argument_group("data")
@@ -748,7 +758,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict[str, Any]
     wall_time = time.perf_counter() - start
     metrics = collect_metrics(args, trainer, train_output, eval_metrics, qalft, sizes, checkpoint, wall_time)
     if trainer.is_world_process_zero():
-        finalize_adapter_folder(args.output_dir, args.base_model_id)
+        finalize_adapter_folder(args.output_dir, args.base_model_id, args.save_dtype)
         base_quantization = getattr(trainer.model.get_base_model().config, "quantization", None)
         write_json(args.output_dir / ADAPTER_INFO_NAME, adapter_info(args, metrics, base_quantization))
         write_json(args.output_dir / METRICS_NAME, metrics)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("config.json", "generation_config.json", "model.safetensors")
 NOT_SHIPPED = ("README.md", "training_metrics.json", "loss_curve.png")  # the root card / the last stage's copies
 STAGE_FILES = ("training_metrics.json", "loss_curve.png")
-DEMO_PLAN = (("vqa", None, 4), ("multi", None, 2), ("ocr", "ocr", 3), ("gui", "gui", 3))
+DEMO_PLAN = (("vqa", None, 4), ("multi", None, 2), ("ocr", "ocr", 4), ("gui", "gui", 3))  # ocr: 2 words, 2 numbers
 CARD = """---
 library_name: transformers
 pipeline_tag: image-text-to-text

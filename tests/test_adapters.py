@@ -162,6 +162,53 @@ def test_lora_and_full_copy_of_one_module_clash_with_a_clear_error(adapter_repo,
     fresh.load_scenario_adapter(order[1])
 
 
+def test_an_adapter_without_a_projector_copy_runs_the_base_projector_next_to_one_with_it(adapter_repo, inputs,
+                                                                                       tmp_path):
+    """`proj` saves the projector in full (`--train-projector`), `gui` does not: with both loaded, each adapter, and
+    a disable / enable round under each, computes exactly what it computes alone (transformers' own set_adapter
+    raised "Adapter gui not found in {'proj'}")."""
+    repo = tmp_path / "AndesVL-1B-proj"
+    shutil.copytree(adapter_repo, repo, symlinks=True)
+    model = load_model(repo)
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=model.default_lora_target_modules,
+                        modules_to_save=["mlp.0", "mlp.2"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a projector copy that differs from the base
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(repo / "adapters" / "proj")
+    alone = {}
+    for name in ("proj", "gui"):
+        single = load_model(repo)
+        single.load_scenario_adapter(name)
+        alone[name] = logits(single, inputs)
+    assert not torch.allclose(alone["proj"], alone["gui"])
+
+    model = load_model(repo)
+    base = logits(model, inputs)
+    model.load_scenario_adapter("proj")
+    model.load_scenario_adapter("gui")
+    assert torch.equal(logits(model, inputs), alone["gui"])
+    model.set_adapter("proj")
+    assert torch.equal(logits(model, inputs), alone["proj"])
+    for name in ("gui", "proj"):
+        model.set_adapter(name)
+        model.disable_adapters()
+        assert torch.equal(logits(model, inputs), base)
+        model.enable_adapters()
+        assert torch.equal(logits(model, inputs), alone[name]), name
+    model.disable_adapters()
+    model.set_adapter("gui")
+    model.set_adapter("proj")  # switching while disabled keeps every module disabled
+    assert torch.equal(logits(model, inputs), base)
+    model.enable_adapters()
+    assert torch.equal(logits(model, inputs), alone["proj"])
+    with pytest.raises(ValueError, match=r"1 adapter\(s\) not loaded: \['chart'\]"):
+        model.set_adapter("chart")
+
+
 def test_unknown_adapter_lists_the_available_ones(adapter_repo):
     with pytest.raises(ValueError, match=r"Unknown adapter 'chart'.*\['gui', 'ocr'\]"):
         load_model(adapter_repo).load_scenario_adapter("chart")

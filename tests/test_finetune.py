@@ -382,6 +382,38 @@ def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(smoke,
         shutil.rmtree(wide)
 
 
+def test_save_dtype_bfloat16_stores_the_rounded_adapter_that_loads_into_a_float32_model(repo, dataset, tmp_path,
+                                                                                      reuse_processor):
+    """`--save-dtype bfloat16`: every saved tensor (LoRA factors, projector copy, token rows) is the float32 run's
+    tensor rounded to bfloat16, the file is about half the size, and it loads into a float32 model as float32."""
+    common = ["--model", str(repo), "--train-file", str(dataset), "--train-projector", "--train-answer-tokens",
+              "--max-steps", "2", "--per-device-batch-size", "2", "--learning-rate", "1e-2"]
+    for name, dtype in (("f32", "float32"), ("bf16", "bfloat16")):
+        ft.main([*common, "--name", name, "--save-dtype", dtype, "--work-dir", str(tmp_path / name)])
+    full, half = (repo / "adapters" / name for name in ("f32", "bf16"))
+    full_tensors, half_tensors = adapter_tensors(full), adapter_tensors(half)
+    assert set(half_tensors) == set(full_tensors)
+    assert {tensor.dtype for tensor in full_tensors.values()} == {torch.float32}
+    assert {tensor.dtype for tensor in half_tensors.values()} == {torch.bfloat16}
+    for key, tensor in full_tensors.items():
+        assert torch.equal(half_tensors[key], tensor.to(torch.bfloat16)), key
+    sizes = [(folder / "adapter_model.safetensors").stat().st_size for folder in (full, half)]
+    assert sizes[1] < 0.55 * sizes[0], sizes
+
+    model = load_model(repo)
+    inputs = packed_inputs(model.config, [(4, 4)])
+    base = logits(model, inputs)
+    model.load_scenario_adapter("bf16")
+    assert {param.dtype for param in model.parameters()} == {torch.float32}
+    reference = load_model(repo)
+    reference.load_scenario_adapter("f32")
+    adapted, expected = logits(model, inputs), logits(reference, inputs)
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    assert torch.allclose(adapted, expected, atol=0.05 * expected.abs().max().item())
+    model.disable_adapters()
+    assert torch.equal(logits(model, inputs), base)
+
+
 class RecordingHandler(logging.Handler):
     def __init__(self):
         super().__init__()

@@ -109,7 +109,7 @@ def test_demo_answers_the_bundled_examples_swapping_adapters(tmp_path, capsys):
 
     results = demo.main(["--output", str(tmp_path / "demo.json")])
     assert [(r["task"], r["adapter"]) for r in results] == (
-        [("vqa", None)] * 4 + [("multi", None)] * 2 + [("ocr", "ocr")] * 3 + [("gui", "gui")] * 3 + [("vqa", None)])
+        [("vqa", None)] * 4 + [("multi", None)] * 2 + [("ocr", "ocr")] * 4 + [("gui", "gui")] * 3 + [("vqa", None)])
     out = capsys.readouterr().out
     assert out.index("loaded adapters/ocr") < out.index("loaded adapters/gui") < out.index("adapters disabled: base")
     for result in results:
@@ -156,7 +156,7 @@ def test_ship_links_shared_files_and_copies_trained_ones(fake_work, tmp_path):
 
     output, demo_output = tmp_path / "AndesVL-Tiny", tmp_path / "demo"
     summary = ship_tiny.main(["--work", str(fake_work), "--output", str(output), "--demo-output", str(demo_output)])
-    assert summary["adapters"] == ["ocr"] and summary["demo_examples"] == 13
+    assert summary["adapters"] == ["ocr"] and summary["demo_examples"] == 14
     for name in ("modeling_andesvl.py", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"):
         assert (output / name).is_symlink() and (output / name).resolve() == ROOT / name
     for name in ("config.json", "model.safetensors", "README.md", "adapters/ocr/adapter_model.safetensors",
