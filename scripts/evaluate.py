@@ -15,10 +15,16 @@ Rows: `base`; per `--adapter NAME`: `adapter:NAME` (`model.load_scenario_adapter
 again)` (`model.disable_adapters()`, which must reproduce `base` exactly); with `--quantized-model`: `int4 base` and
 `int4 base + adapter:NAME` (the float repo's `adapters/NAME` loaded on the quantized base).
 
-Output: `--output` (all rows and tasks, with a markdown table) and one JSON per task beside it (`report.vqa.json`, ...)
-with every row's scores for that task.
+Output: `--output` (all rows and tasks, with a markdown table) and, when it covers more than one task, one JSON per
+task beside it (`report.vqa.json`, ...) with every row's scores for that task.
 
-Metrics (per row and task: `accuracy`, `n`, and the first few predictions under `examples`):
+Paired comparison: `--compare ROW_A ROW_B` (repeatable) compares two rows on the same examples of every task, e.g.
+`--compare "int4 base + adapter:ocr-qalft-int4" "int4 base + adapter:ocr"`: how many examples only A gets right, only
+B, both and neither, and the exact two-sided McNemar p-value (a binomial test on the examples the two rows disagree
+on). The report keeps every example's correctness per row and task (`per_example`, a string of 1s and 0s in data
+order), so rows of one report can be compared afterwards too.
+
+Metrics (per row and task: `accuracy`, `n`, `per_example`, and the first few predictions under `examples`):
     vqa    exact match of the normalized answer (lowercase, stripped, trailing punctuation removed)
     ocr    exact text (case-sensitive; surrounding whitespace stripped); `accuracy_case_insensitive` too, and
            `char_error_rate` (total Levenshtein distance over total target characters)
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import string
 import sys
@@ -251,6 +258,7 @@ def evaluate_task(model, processor, task: str, examples: list[dict], args: argpa
          "prediction": prediction, "correct": flag}
         for example, prediction, flag in list(zip(examples, predictions, flags))[:KEPT_EXAMPLES]
     ]
+    scores["per_example"] = "".join("1" if flag else "0" for flag in flags)
     scores["seconds"] = round(seconds, 3)
     return scores
 
@@ -301,13 +309,29 @@ def float_rows(args, processor, data, timing) -> dict[str, Any]:
     return rows
 
 
+def quantized_prefix(config) -> str:
+    """'int4 base' (the bits of the config's `quantization`)."""
+    quantization = config.get("quantization") if isinstance(config, dict) else getattr(config, "quantization", None)
+    return f"int{(quantization or {}).get('bits', 4)} base"
+
+
+def row_names(args: argparse.Namespace) -> list[str]:
+    """The rows `float_rows` and `quantized_rows` will produce, in order (known before any model loads)."""
+    names = ["base"]
+    for name in args.adapter:
+        names += [f"adapter:{name}", f"adapter:{name} (disabled again)"]
+    if args.quantized_model is not None:
+        prefix = quantized_prefix(json.loads((args.quantized_model / "config.json").read_text()))
+        names += [prefix] + [f"{prefix} + adapter:{name}" for name in args.adapter]
+    return names
+
+
 def quantized_rows(args, processor, data, timing) -> dict[str, Any]:
     """int4 base alone, then with each adapter of the FLOAT repo's `adapters/` loaded on it."""
     started = time.perf_counter()
     model = load_eval_model(args.quantized_model, args)
     timing["load_s"]["quantized"] = round(time.perf_counter() - started, 3)
-    bits = (getattr(model.config, "quantization", None) or {}).get("bits", 4)
-    prefix = f"int{bits} base"
+    prefix = quantized_prefix(model.config)
     rows = {prefix: evaluate_row(prefix, model, processor, data, args, timing)}
     for name in args.adapter:
         model.load_adapter(str(args.model / "adapters" / name), adapter_name=name)
@@ -315,6 +339,53 @@ def quantized_rows(args, processor, data, timing) -> dict[str, Any]:
         label = f"{prefix} + adapter:{name}"
         rows[label] = evaluate_row(label, model, processor, data, args, timing)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Paired comparison of two rows
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def mcnemar_p_value(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar test: P(a split at least this uneven) when each disagreement is a fair coin."""
+    disagreements = a_only + b_only
+    tail = sum(math.comb(disagreements, k) for k in range(min(a_only, b_only) + 1)) / 2**disagreements
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(per_example_a: str, per_example_b: str) -> dict[str, Any]:
+    """Counts of examples that only A, only B, both or neither get right, and McNemar's p-value."""
+    if len(per_example_a) != len(per_example_b):
+        raise ValueError(f"cannot pair rows scored on different examples: {len(per_example_a)} vs "
+                         f"{len(per_example_b)} examples")
+    pairs = list(zip(per_example_a, per_example_b))
+    a_only, b_only = pairs.count(("1", "0")), pairs.count(("0", "1"))
+    n = len(pairs)
+    return {"n": n, "accuracy_a": per_example_a.count("1") / n if n else 0.0,
+            "accuracy_b": per_example_b.count("1") / n if n else 0.0, "a_only": a_only, "b_only": b_only,
+            "both": pairs.count(("1", "1")), "neither": pairs.count(("0", "0")),
+            "p_value": mcnemar_p_value(a_only, b_only)}
+
+
+def check_compared_rows(pairs: list[list[str]], names: list[str]) -> None:
+    missing = sorted({name for pair in pairs for name in pair} - set(names))
+    if missing:
+        raise ValueError(f"--compare names {len(missing)} row(s) this evaluation does not produce: {missing}; "
+                         f"its rows: {names}")
+
+
+def compare_rows(rows: dict[str, dict[str, Any]], pairs: list[list[str]], tasks: list[str]) -> list[dict[str, Any]]:
+    """`paired_comparison` of each (A, B) pair of row names on every task."""
+    check_compared_rows(pairs, list(rows))
+    return [{"task": task, "a": a, "b": b,
+             **paired_comparison(rows[a][task]["per_example"], rows[b][task]["per_example"])}
+            for a, b in pairs for task in tasks]
+
+
+def comparison_line(comparison: dict[str, Any]) -> str:
+    return (f"[{comparison['task']}] {comparison['a']} {100 * comparison['accuracy_a']:.1f}% vs {comparison['b']} "
+            f"{100 * comparison['accuracy_b']:.1f}% (n={comparison['n']}): only A {comparison['a_only']}, only B "
+            f"{comparison['b_only']}, McNemar p={comparison['p_value']:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,7 +403,10 @@ def markdown_table(rows: dict[str, dict[str, Any]], tasks: list[str]) -> str:
 
 
 def task_report_paths(output: Path, tasks: list[str]) -> dict[str, Path]:
-    """One JSON per task beside the report: report.json -> report.vqa.json, report.ocr.json, ..."""
+    """One JSON per task beside the report: report.json -> report.vqa.json, report.ocr.json, ... (none for one task:
+    the report itself is that file)."""
+    if len(tasks) < 2:
+        return {}
     return {task: output.with_name(f"{output.stem}.{task}{output.suffix or '.json'}") for task in tasks}
 
 
@@ -340,7 +414,8 @@ def task_report(report: dict[str, Any], task: str) -> dict[str, Any]:
     """The report restricted to one task: every row's scores for it."""
     keep = ("model", "quantized_model", "split", "limit", "device", "args")
     return {**{key: report[key] for key in keep}, "task": task,
-            "rows": {name: row[task] for name, row in report["rows"].items()}}
+            "rows": {name: row[task] for name, row in report["rows"].items()},
+            "comparisons": [comparison for comparison in report["comparisons"] if comparison["task"] == task]}
 
 
 def limit_spec(text: str) -> dict[str, int] | int:
@@ -378,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME",
                         help="scenario adapter under <model>/adapters/ (repeatable)")
     parser.add_argument("--quantized-model", type=Path, help="int4 base folder from scripts/quantize.py")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
+                        help="paired comparison of two rows on every task (repeatable), e.g. "
+                             "'int4 base + adapter:ocr-qalft-int4' 'int4 base + adapter:ocr'")
     parser.add_argument("--output", type=Path, default=Path("outputs/eval/report.json"), help="JSON report path")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -394,6 +472,7 @@ def resolved_args(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     print("arguments:", json.dumps(resolved_args(args)), flush=True)
+    check_compared_rows(args.compare, row_names(args))  # before the first model loads, not after the last row
     started = time.perf_counter()
     data = {task: load_task(args.data, task, args.split, limit_of(args.limit, task)) for task in args.tasks}
     processor = load_processor(str(args.model))
@@ -401,10 +480,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = float_rows(args, processor, data, timing)
     if args.quantized_model is not None:
         rows.update(quantized_rows(args, processor, data, timing))
+    comparisons = compare_rows(rows, args.compare, args.tasks)
     timing["total_s"] = round(time.perf_counter() - started, 3)
     report = {"model": str(args.model), "quantized_model": str(args.quantized_model) if args.quantized_model else None,
               "split": args.split, "limit": args.limit, "tasks": args.tasks, "rows": rows, "timing": timing,
-              "device": str(resolve_device(args.device)), "args": resolved_args(args)}
+              "comparisons": comparisons, "device": str(resolve_device(args.device)), "args": resolved_args(args)}
     table = markdown_table(rows, args.tasks)
     report["table"] = table
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -412,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task, path in task_report_paths(args.output, args.tasks).items():
         path.write_text(json.dumps(task_report(report, task), indent=2, ensure_ascii=False) + "\n")
     print(table)
+    for comparison in comparisons:
+        print(comparison_line(comparison))
     print(f"wrote {args.output} ({timing['total_s']:.1f} s)")
     return report
 

@@ -19,10 +19,7 @@ mkdir -p "$runs"
 SECONDS=0
 phase() { echo "== [$(printf '%4d' "$SECONDS") s] $*"; }
 
-# Adapters: LoRA on the text model's linears (the encoder and projector are the warm-up's, frozen in the base stages).
-# Group size 16 divides every in_features of this model.
-LM_TARGETS='language_model\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)'
-GROUP=16
+source "$root/scripts/tiny_adapters.sh"  # adapter settings (LM_TARGETS, GROUP, adapter, adapter_pairs)
 
 phase "data"
 if [ ! -f "$data/manifest.json" ]; then
@@ -67,37 +64,7 @@ phase "base: sft (multi-task instruction tuning; text model)"
   --max-steps 1000 --batch-size 8 --learning-rate 1e-4 --warmup-steps 30 --work-dir "$runs/base" --output "$model" \
   "${base[@]}"
 
-adapter() {  # name train-file eval-file steps [finetune_lora flags]
-  local name="$1" train="$2" eval="$3" steps="$4"; shift 4
-  if [ -f "$model/adapters/$name/adapter_model.safetensors" ]; then echo "adapters/$name: done"; return; fi
-  local resume=()  # continue an interrupted run from its last checkpoint
-  if compgen -G "$runs/adapter-$name/checkpoint-*" > /dev/null; then resume=(--resume); fi
-  "$py" "$root/scripts/finetune_lora.py" --model "$model" --name "$name" --dtype float32 --save-dtype bfloat16 \
-    --train-file "$train" --eval-file "$eval" --lora-dropout 0.0 --target-modules "$LM_TARGETS" \
-    --train-answer-tokens --learning-rate 1e-3 --warmup-steps 30 --max-steps "$steps" --per-device-batch-size 8 \
-    --num-threads 1 --seed 0 --base-model-id AndesVL-Tiny --work-dir "$runs/adapter-$name" \
-    --output-dir "$model/adapters/$name" --save-steps 200 --eval-steps "$steps" --logging-steps 20 "${resume[@]}" \
-    "$@" > "$runs/adapter-$name.log" 2>&1 \
-    || { echo "adapters/$name failed: see $runs/adapter-$name.log" >&2; return 1; }
-  echo "adapters/$name: $(tail -c 300 "$runs/adapter-$name.log" | tr '\n' ' ')"
-}
-# Every adapter also trains the embedding rows of its answer tokens (--train-answer-tokens: a LoRA cannot move the
-# digits' output vectors; measured, without them the ocr adapter read 7.6% of held-out numbers, with them 29.5%).
-# ocr: rank 32 and the projector in full, on the number images. gui: rank 16, 1,200 steps (measured: validation loss
-# 0.61, 15.5% of 200 GUI tests; rank 8 and 400 steps: 0.89, 0%), the projector left to ocr (the folder stays under
-# 48 MB).
-# Two single-threaded trainings at a time use both cores better than one two-threaded one.
-ocr=("$data/ocr/train-numbers.jsonl" "$data/ocr/val-numbers.jsonl" 2000 --lora-rank 32 --lora-alpha 64
-     --train-projector)
-gui=("$data/gui/train.jsonl" "$data/gui/val.jsonl" 1200 --lora-rank 16 --lora-alpha 32)
-phase "adapters: ocr (plain LoRA | QALFT int4)"
-adapter ocr "${ocr[@]}" & first=$!
-adapter ocr-qalft-int4 "${ocr[@]}" --qalft int4 --qalft-group-size "$GROUP" & second=$!
-wait "$first"; wait "$second"
-phase "adapters: gui (plain LoRA | QALFT int4)"
-adapter gui "${gui[@]}" & first=$!
-adapter gui-qalft-int4 "${gui[@]}" --qalft int4 --qalft-group-size "$GROUP" & second=$!
-wait "$first"; wait "$second"
+adapter_pairs 0 ""  # scripts/tiny_adapters.sh
 
 phase "int4 base"
 if [ ! -f "$out/AndesVL-Tiny-int4/config.json" ]; then

@@ -126,6 +126,34 @@ def test_limit_spec():
             evaluate.limit_spec(bad)
 
 
+@pytest.mark.parametrize(
+    "a_only, b_only, p_value",
+    [
+        (0, 0, 1.0),  # no disagreement: no evidence
+        (5, 0, 2 / 32),  # 5 of 5 disagreements one way: 2 * 0.5**5
+        (0, 5, 2 / 32),  # symmetric
+        (1, 0, 1.0),  # one disagreement can never be significant (capped at 1)
+        (7, 3, 2 * (1 + 10 + 45 + 120) / 1024),  # 2 * P(X <= 3), X ~ Binomial(10, 1/2) = 0.34375
+    ],
+)
+def test_mcnemar_p_value_is_the_exact_two_sided_binomial_test(a_only, b_only, p_value):
+    assert evaluate.mcnemar_p_value(a_only, b_only) == pytest.approx(p_value)
+
+
+def test_paired_comparison_counts_each_kind_of_pair():
+    comparison = evaluate.paired_comparison("1101100", "1011000")
+    assert comparison == {"n": 7, "accuracy_a": pytest.approx(4 / 7), "accuracy_b": pytest.approx(3 / 7), "a_only": 2,
+                          "b_only": 1, "both": 2, "neither": 2, "p_value": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="different examples: 3 vs 2"):
+        evaluate.paired_comparison("101", "10")
+
+
+def test_compare_names_an_unknown_row_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"1 row\(s\) this evaluation does not produce: \['adapter:gui'\]"):
+        evaluate.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--adapter", "ocr",
+                       "--compare", "adapter:gui", "base"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Smoke run of main()
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,7 +171,8 @@ def smoke_report(tiny_repos, tmp_path_factory):
     output = work / "report.json"
     report = evaluate.main(["--model", str(repo), "--data", str(work / "data"), "--limit", "4", "--adapter", "ocr",
                             "--quantized-model", str(quantized), "--output", str(output), "--batch-size", "4",
-                            "--max-new-tokens", "4", "--device", "cpu"])
+                            "--max-new-tokens", "4", "--device", "cpu",
+                            "--compare", "int4 base + adapter:ocr", "adapter:ocr", "--compare", "adapter:ocr", "base"])
     return report, output
 
 
@@ -160,6 +189,8 @@ def test_smoke_report_has_every_row_and_task(smoke_report):
         for task, scores in row.items():
             assert scores["n"] == 4 and 0.0 <= scores["accuracy"] <= 1.0
             assert len(scores["examples"]) == 4
+            assert len(scores["per_example"]) == 4 and scores["per_example"].count("1") == round(4 * scores["accuracy"])
+            assert [example["correct"] for example in scores["examples"]] == [c == "1" for c in scores["per_example"]]
             assert all(isinstance(example["prediction"], str) for example in scores["examples"])
         assert 0 <= row["gui"]["unparseable"] <= 4 and 0.0 <= row["ocr"]["accuracy_case_insensitive"] <= 1.0
         for task in evaluate.GROUP_FIELDS:  # every OCR and GUI line has a kind: the groups cover the 4 examples
@@ -176,6 +207,25 @@ def test_smoke_report_writes_one_json_per_task(smoke_report):
         per_task = json.loads(output.with_name(f"report.{task}.json").read_text())
         assert per_task["task"] == task and per_task["split"] == "test"
         assert per_task["rows"] == json.loads(json.dumps({name: row[task] for name, row in report["rows"].items()}))
+        assert [(c["a"], c["b"]) for c in per_task["comparisons"]] == [("int4 base + adapter:ocr", "adapter:ocr"),
+                                                                      ("adapter:ocr", "base")]
+
+
+def test_a_one_task_report_gets_no_per_task_copy(tmp_path):
+    assert evaluate.task_report_paths(tmp_path / "r.json", ["ocr"]) == {}
+    assert evaluate.task_report_paths(tmp_path / "r.json", ["ocr", "gui"]) == {"ocr": tmp_path / "r.ocr.json",
+                                                                              "gui": tmp_path / "r.gui.json"}
+
+
+def test_smoke_report_compares_each_pair_on_every_task(smoke_report):
+    report = smoke_report[0]
+    assert len(report["comparisons"]) == 2 * len(evaluate.TASKS)
+    for comparison in report["comparisons"]:
+        a, b = (report["rows"][comparison[side]][comparison["task"]] for side in ("a", "b"))
+        assert comparison["accuracy_a"] == pytest.approx(a["accuracy"])
+        assert comparison["accuracy_b"] == pytest.approx(b["accuracy"])
+        assert comparison == {**comparison, **evaluate.paired_comparison(a["per_example"], b["per_example"])}
+        assert comparison["a_only"] + comparison["b_only"] + comparison["both"] + comparison["neither"] == 4
 
 
 def test_disabled_adapter_row_equals_the_base_row(smoke_report):
