@@ -635,7 +635,7 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         super().enable_adapters()
         active = self.active_adapters()
         for wrapper in self._modules_to_save_wrappers():
-            wrapper.enable_adapters(all(name in wrapper._adapters for name in active))
+            wrapper.enable_adapters(self._saves_copy(wrapper, active))
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """transformers' `set_adapter`, except for modules that some loaded adapters save in full (`modules_to_save`)
@@ -654,13 +654,18 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         for layer in layers:
             layer.set_adapter(adapter_name)
         for wrapper in self._modules_to_save_wrappers():
-            saved = all(name in wrapper._adapters for name in names)
+            saved = self._saves_copy(wrapper, names)
             if saved:
                 wrapper.set_adapter(adapter_name)
             wrapper.enable_adapters(saved and enabled)
 
     def _modules_to_save_wrappers(self) -> list[nn.Module]:
         return [module for module in self.modules() if type(module).__name__ == "ModulesToSaveWrapper"]
+
+    @staticmethod
+    def _saves_copy(wrapper: nn.Module, adapter_names: list[str]) -> bool:
+        """Whether every one of these adapters saved its own copy of the wrapped module."""
+        return all(name in wrapper._adapters for name in adapter_names)
 
     def load_scenario_adapter(self, name: str, adapter_name: str | None = None, **kwargs: Any) -> None:
         """Load and activate `adapters/<name>/` of this model's repo (local folder or Hub id) with `load_adapter`.

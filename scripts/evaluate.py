@@ -293,6 +293,23 @@ def load_eval_model(folder: Path, args: argparse.Namespace):
     return model.to(resolve_device(args.device)).eval()
 
 
+def adapter_row(name: str) -> str:
+    return f"adapter:{name}"
+
+
+def disabled_row(name: str) -> str:
+    return f"adapter:{name} (disabled again)"
+
+
+def quantized_prefix(quantization: dict[str, Any] | None) -> str:
+    """'int4 base': the row name of a quantized base with this `quantization` config field."""
+    return f"int{(quantization or {}).get('bits', 4)} base"
+
+
+def quantized_adapter_row(prefix: str, name: str) -> str:
+    return f"{prefix} + {adapter_row(name)}"
+
+
 def float_rows(args, processor, data, timing) -> dict[str, Any]:
     """base, then per adapter: loaded (`load_scenario_adapter`) and disabled again (`disable_adapters`)."""
     started = time.perf_counter()
@@ -301,28 +318,21 @@ def float_rows(args, processor, data, timing) -> dict[str, Any]:
     rows = {"base": evaluate_row("base", model, processor, data, args, timing)}
     for name in args.adapter:
         model.load_scenario_adapter(name)
-        rows[f"adapter:{name}"] = evaluate_row(f"adapter:{name}", model, processor, data, args, timing)
+        rows[adapter_row(name)] = evaluate_row(adapter_row(name), model, processor, data, args, timing)
         model.disable_adapters()
-        label = f"adapter:{name} (disabled again)"
-        rows[label] = evaluate_row(label, model, processor, data, args, timing)
+        rows[disabled_row(name)] = evaluate_row(disabled_row(name), model, processor, data, args, timing)
         model.enable_adapters()
     return rows
-
-
-def quantized_prefix(config) -> str:
-    """'int4 base' (the bits of the config's `quantization`)."""
-    quantization = config.get("quantization") if isinstance(config, dict) else getattr(config, "quantization", None)
-    return f"int{(quantization or {}).get('bits', 4)} base"
 
 
 def row_names(args: argparse.Namespace) -> list[str]:
     """The rows `float_rows` and `quantized_rows` will produce, in order (known before any model loads)."""
     names = ["base"]
     for name in args.adapter:
-        names += [f"adapter:{name}", f"adapter:{name} (disabled again)"]
+        names += [adapter_row(name), disabled_row(name)]
     if args.quantized_model is not None:
-        prefix = quantized_prefix(json.loads((args.quantized_model / "config.json").read_text()))
-        names += [prefix] + [f"{prefix} + adapter:{name}" for name in args.adapter]
+        prefix = quantized_prefix(json.loads((args.quantized_model / "config.json").read_text()).get("quantization"))
+        names += [prefix] + [quantized_adapter_row(prefix, name) for name in args.adapter]
     return names
 
 
@@ -331,12 +341,12 @@ def quantized_rows(args, processor, data, timing) -> dict[str, Any]:
     started = time.perf_counter()
     model = load_eval_model(args.quantized_model, args)
     timing["load_s"]["quantized"] = round(time.perf_counter() - started, 3)
-    prefix = quantized_prefix(model.config)
+    prefix = quantized_prefix(getattr(model.config, "quantization", None))
     rows = {prefix: evaluate_row(prefix, model, processor, data, args, timing)}
     for name in args.adapter:
         model.load_adapter(str(args.model / "adapters" / name), adapter_name=name)
         model.set_adapter(name)
-        label = f"{prefix} + adapter:{name}"
+        label = quantized_adapter_row(prefix, name)
         rows[label] = evaluate_row(label, model, processor, data, args, timing)
     return rows
 
