@@ -27,6 +27,7 @@ import copy
 import io
 import math
 import os
+import time
 import warnings
 from typing import Any, Optional, TypedDict, Union
 
@@ -40,6 +41,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's default decompression-bomb error threshold (2 * MAX_IMAGE_PIXELS)
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # encoded size cap for files, data URLs and downloads (a 8k x 8k PNG is ~20 MB)
 RESIZE_MODES = ("hf_chat", "eval")
 DEFAULT_MAX_SIZE = {"hf_chat": 733, "eval": 1792}
 OVERRIDABLE_KEYS = ("resize_mode", "max_size", "min_size", "image_scale", "max_resolution", "min_tokens",
@@ -198,14 +200,36 @@ def _open_image(data: bytes, source: str, max_image_pixels: Optional[int]) -> Im
     return image
 
 
-def _fetch_url(url: str, timeout: float) -> bytes:
-    import urllib.request  # only needed when remote fetching was explicitly allowed
+def _check_byte_count(count: int, source: str, max_image_bytes: Optional[int]) -> None:
+    if max_image_bytes is not None and count > max_image_bytes:
+        raise ValueError(
+            f"The {source} is over {max_image_bytes} bytes (max_image_bytes; got at least {count}): refused before "
+            "decoding; raise the limit if the image is trusted."
+        )
 
+
+def _fetch_url(url: str, timeout: float, max_image_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The body of an http(s) URL, read in chunks under a byte cap and a total deadline of `timeout` seconds (a
+    server that trickles bytes cannot hold the call open past it)."""
+    import http.client  # only needed when remote fetching was explicitly allowed
+    import urllib.request
+
+    source, deadline, chunks, size = f"image at URL {url!r}", time.monotonic() + timeout, [], 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
-    except OSError as err:  # URLError, HTTPError and timeouts are all OSErrors
-        raise ValueError(f"Could not fetch the image at URL {url!r}: {err}") from err
+            declared = int(response.headers.get("Content-Length") or 0)
+            _check_byte_count(declared, source, max_image_bytes)
+            while chunk := response.read1(1 << 16):
+                chunks.append(chunk)
+                size += len(chunk)
+                _check_byte_count(size, source, max_image_bytes)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not complete after {timeout} s ({size} bytes so far)")
+            if size < declared:
+                raise http.client.IncompleteRead(b"", declared - size)
+    except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts, IncompleteRead
+        raise ValueError(f"Could not fetch the {source}: {type(err).__name__}: {err}") from err
+    return b"".join(chunks)
 
 
 def _decode_data_url(url: str) -> bytes:
@@ -218,7 +242,10 @@ def _decode_data_url(url: str) -> bytes:
         raise ValueError(f"The data URL payload is not valid base64: {err}") from err
 
 
-def _read_source(source: Union[str, os.PathLike], allow_remote: bool, timeout: float) -> tuple[bytes, str]:
+def _read_source(
+    source: Union[str, os.PathLike], allow_remote: bool, timeout: float,
+    max_image_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES,
+) -> tuple[bytes, str]:
     """Raw bytes and a description for a path, http(s) URL, data URL or raw base64 string."""
     text = os.fspath(source)
     if isinstance(source, str) and source.strip().lower().startswith(("http://", "https://")):
@@ -227,10 +254,12 @@ def _read_source(source: Union[str, os.PathLike], allow_remote: bool, timeout: f
                 f"Remote image fetching is disabled (got URL {source!r}); opt in with allow_remote_images=True "
                 "(AutoProcessor.from_pretrained / processor call / model.chat) or load_image(..., allow_remote=True)."
             )
-        return _fetch_url(source.strip(), timeout), f"image at URL {source!r}"
+        return _fetch_url(source.strip(), timeout, max_image_bytes), f"image at URL {source!r}"
     if isinstance(source, str) and source.startswith("data:"):
+        _check_byte_count(len(source) * 3 // 4, "data URL", max_image_bytes)
         return _decode_data_url(source), "data URL"
     if os.path.isfile(text):
+        _check_byte_count(os.path.getsize(text), f"file {text!r}", max_image_bytes)  # before reading a byte
         with open(text, "rb") as file:
             return file.read(), f"file {text!r}"
     try:  # not an existing file: maybe raw base64
@@ -262,15 +291,17 @@ def load_image(
     allow_remote: bool = False,
     timeout: float = 10.0,
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Image.Image:
     """PIL image, array, tensor, local path, http(s) URL (opt-in), `data:image/...;base64,` URL, raw base64 or
-    bytes -> 8-bit RGB PIL image."""
+    bytes -> 8-bit RGB PIL image. A file, data URL or download over `max_image_bytes` is refused before it is read
+    whole; a download gets `timeout` seconds in total."""
     if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
         image = to_pil_image(source, max_image_pixels)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         image = _open_image(bytes(source), "image bytes", max_image_pixels)
     elif isinstance(source, (str, os.PathLike)):
-        image = _open_image(*_read_source(source, allow_remote, timeout), max_image_pixels)
+        image = _open_image(*_read_source(source, allow_remote, timeout, max_image_bytes), max_image_pixels)
     else:
         raise ValueError(f"Cannot load an image from a {type(source).__name__}; expected PIL, array, path or bytes.")
     check_image_size(image.size, max_image_pixels)

@@ -15,6 +15,7 @@ Attention goes through transformers' attention registry (`eager`, `sdpa`, `flash
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -518,11 +519,58 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
-        """Packed patches [N, C*p*p] -> projected visual tokens [N / merge_size**2, D_llm], images in order."""
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, tokens_per_row: list[int] | None = None
+    ) -> torch.Tensor:
+        """Packed patches [N, C*p*p] -> projected visual tokens [N / merge_size**2, D_llm], images in order.
+
+        With `tokens_per_row` (visual tokens of each batch row), the projector sees one row per conversation,
+        [B, T_max, 4*Dv], so per-row modules (peft mixed-adapter batches, a full projector copy per adapter) apply
+        to the right tokens; the result is packed again."""
         features = self.vision_encoder(pixel_values, image_grid_hw)  # [N, Dv], 2x2-block order
         merged = features.reshape(-1, features.shape[-1] * self.config.image_token_group)  # [N/4, 4*Dv]
-        return self.mlp(merged)  # [N/4, D_llm]
+        if tokens_per_row is None or len(tokens_per_row) < 2 or sum(tokens_per_row) != merged.shape[0]:
+            return self.mlp(merged)  # [N/4, D_llm]; a count mismatch is reported by merge_image_features
+        rows = nn.utils.rnn.pad_sequence(list(merged.split(tokens_per_row)), batch_first=True)  # [B, T_max, 4*Dv]
+        lengths = torch.tensor(tokens_per_row, device=rows.device)
+        valid = torch.arange(rows.shape[1], device=rows.device)[None, :] < lengths[:, None]  # [B, T_max]
+        return self.mlp(rows)[valid]  # [N/4, D_llm], rows in order
+
+    def check_image_token_layout(self, input_ids: torch.Tensor, image_grid_hw: torch.Tensor | None) -> None:
+        """Every image's placeholder run must be exactly `<img>` + N x `<|vision_pad|>` + `</img>`, in order, with N
+        from its `image_grid_hw`; no pad and no image delimiter may stand anywhere else (e.g. typed in user text, or
+        one span cut by truncation while literal pads elsewhere keep the total right)."""
+        config = self.config
+        markers = (config.image_token_id, config.image_start_token_id, config.image_end_token_id)
+        num_images = 0 if image_grid_hw is None else int(image_grid_hw.shape[0])
+        expected = [] if image_grid_hw is None else (image_grid_hw.prod(-1) // config.image_token_group).tolist()
+        found, problems = [], []
+        for row, ids in enumerate(input_ids.tolist()):
+            position = 0
+            while position < len(ids):
+                token = ids[position]
+                if token not in markers:
+                    position += 1
+                    continue
+                end = position + 1
+                while end < len(ids) and ids[end] == config.image_token_id:
+                    end += 1
+                if token != config.image_start_token_id or end >= len(ids) or ids[end] != config.image_end_token_id:
+                    problems.append(f"row {row}, position {position}: an image token outside a <img> ... </img> span")
+                    position = end
+                    continue
+                found.append((row, end - position - 1))
+                position = end + 1
+        if not problems and len(found) != num_images:
+            problems.append(f"{len(found)} image spans in input_ids but {num_images} images in image_grid_hw")
+        for index, ((row, pads), want) in enumerate(zip(found, expected)):
+            if not problems and pads != want:
+                problems.append(f"image {index} (row {row}) has {pads} <|vision_pad|> tokens, its grid needs {want}")
+        if problems:
+            raise ValueError(
+                f"Image tokens do not match the images ({len(problems)} problems): {'; '.join(problems[:3])}. Build "
+                "inputs with AndesVLProcessor, and do not truncate inside an image span."
+            )
 
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -561,11 +609,12 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
             labelled position in row-major order, not `[B, S, vocab]`.
         """
         if inputs_embeds is None:
+            self.check_context_length(input_ids, past_key_values)
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, S, D]
-            if pixel_values is not None and (input_ids == self.config.image_token_id).any():
-                if image_grid_hw is None:
-                    raise ValueError("pixel_values were given without image_grid_hw.")
-                image_features = self.get_image_features(pixel_values, image_grid_hw)
+            if self.has_image_inputs(input_ids, pixel_values, image_grid_hw, past_key_values):
+                tokens_per_row = (input_ids == self.config.image_token_id).sum(-1).tolist()
+                image_features = self.get_image_features(pixel_values, image_grid_hw, tokens_per_row)  # checks packing
+                self.check_image_token_layout(input_ids, image_grid_hw)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         elif pixel_values is not None:
             raise ValueError("Pass input_ids (not inputs_embeds) with pixel_values, so image tokens can be located.")
@@ -583,6 +632,39 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def has_image_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_grid_hw: torch.Tensor | None,
+        past_key_values=None,
+    ) -> bool:
+        """Whether this step encodes images; in a first (uncached) step, image tokens without pixels or pixels without
+        image tokens raise. Decoding steps from the cache carry no pixels."""
+        num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+        if pixel_values is None:
+            if num_image_tokens and _cached_length(past_key_values) == 0:
+                raise ValueError(
+                    f"input_ids hold {num_image_tokens} image tokens (<|vision_pad|>) but no pixel_values were given; "
+                    "pass the processor's pixel_values and image_grid_hw."
+                )
+            return False
+        if image_grid_hw is None:
+            raise ValueError("pixel_values were given without image_grid_hw.")
+        if not num_image_tokens:
+            raise ValueError(
+                f"pixel_values of {pixel_values.shape[0]} patches ({image_grid_hw.shape[0]} images) were given but "
+                "input_ids hold no image tokens; put an <image> marker (or an image part) where each image goes."
+            )
+        return True
+
+    def check_context_length(self, input_ids: torch.Tensor, past_key_values=None) -> None:
+        """A prompt beyond the language model's context raises before any compute, instead of generating garbage."""
+        past = _cached_length(past_key_values)
+        limit = self.config.text_config.max_position_embeddings
+        if past + input_ids.shape[-1] > limit:
+            raise ValueError(
+                f"The input is {past + input_ids.shape[-1]} tokens ({past} cached + {input_ids.shape[-1]} new), "
+                f"beyond this model's context of {limit} tokens (text_config.max_position_embeddings)."
+            )
 
     def causal_lm_loss_on_labelled_positions(
         self, inputs_embeds: torch.Tensor, labels: torch.LongTensor, **kwargs: Any
@@ -647,7 +729,10 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         if unknown:
             raise ValueError(f"{len(unknown)} adapter(s) not loaded: {unknown}; loaded: "
                              f"{list(getattr(self, 'peft_config', {}))}.")
-        from peft.tuners.tuners_utils import BaseTunerLayer  # peft is installed once an adapter is loaded
+        try:  # in a try block: transformers requires every package imported outside one (peft is optional)
+            from peft.tuners.tuners_utils import BaseTunerLayer  # installed once an adapter is loaded
+        except ImportError as error:
+            raise ImportError("set_adapter needs peft: pip install peft") from error
 
         layers = [module for module in self.modules() if isinstance(module, BaseTunerLayer)]
         enabled = not any(layer.disable_adapters for layer in layers)  # disable_adapters() stays in force
@@ -681,14 +766,27 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         check_adapter_matches_model(folder, self)
         check_adapter_fits_loaded_adapters(folder, self)
         adapter_name = adapter_name or name
+        if adapter_name in (getattr(self, "peft_config", None) or {}):
+            raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another adapter_name.")
+        previous = self.active_adapters() if getattr(self, "peft_config", None) else []
         report_logger, report_filter = logging.getLogger("transformers.integrations.peft"), _TiedTokenRowsReport()
         report_logger.addFilter(report_filter)
         try:
             self.load_adapter(str(folder), adapter_name=adapter_name, **kwargs)
+            self._check_tied_token_rows(adapter_name)
+            self.set_adapter(adapter_name)
+        except Exception:
+            self._unload_failed_adapter(adapter_name, previous)
+            raise
         finally:
             report_logger.removeFilter(report_filter)
-        self._check_tied_token_rows(adapter_name)
-        self.set_adapter(adapter_name)
+
+    def _unload_failed_adapter(self, adapter_name: str, previous: list[str]) -> None:
+        """Leave the loaded set as it was before a failed load: drop the half-loaded adapter, re-activate the old."""
+        if adapter_name in (getattr(self, "peft_config", None) or {}):
+            self.delete_adapter(adapter_name)
+        if previous and getattr(self, "peft_config", None):
+            self.set_adapter(previous if len(previous) > 1 else previous[0])
 
     def _check_tied_token_rows(self, adapter_name: str) -> None:
         """An adapter's trainable-token rows (peft `trainable_token_indices`) are saved once, under `embed_tokens`;
@@ -744,12 +842,29 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
 
     def _generate_text(self, processor, prompts: list[str], images: list[list], thinking: bool, **kwargs: Any) -> list[str]:
         call_kwargs = {key: kwargs.pop(key) for key in (*IMAGE_KWARGS, "allow_remote_images") if key in kwargs}
+        unknown = sorted(set(kwargs) - _generate_argument_names(self))
+        if unknown:
+            raise TypeError(
+                f"chat() / completion() got {len(unknown)} unexpected keyword argument(s): {unknown}; they take the "
+                f"image options {list(IMAGE_KWARGS)}, allow_remote_images, thinking, and generate()'s arguments."
+            )
         images = images if any(images) else None
         inputs = processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt", **call_kwargs)
         inputs = inputs.to(self.device, dtype=self.dtype)  # casts only the floating-point pixel_values
         output_ids = self.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
         answers = processor.batch_decode(output_ids, skip_special_tokens=True)
         return ["<think>" + answer for answer in answers] if thinking else answers
+
+
+def _generate_argument_names(model: GenerationMixin) -> set[str]:
+    """What `generate` accepts by name: its own parameters and every GenerationConfig field."""
+    parameters = set(inspect.signature(model.generate).parameters) - {"kwargs", "self"}
+    return parameters | set(GenerationConfig().to_dict())
+
+
+def _cached_length(past_key_values) -> int:
+    """Tokens already in the KV cache (0 without one)."""
+    return past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
 
 
 def _repo_folder(name_or_path: str, pattern: str = "adapters/*/adapter_config.json") -> Path:
@@ -766,7 +881,7 @@ def check_adapter_fits_loaded_adapters(folder: Path, model: nn.Module) -> None:
     `folder` cannot live next to the adapters already loaded: it puts LoRA on a module that a loaded adapter trains in
     full (`modules_to_save`), or the other way round (e.g. `--train-projector` next to LoRA on `mlp.0`); or only one
     side has trainable token rows (peft's token layer raises KeyError for an active adapter without rows)."""
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = read_adapter_config(folder)
     targets, saved = config.get("target_modules") or [], config.get("modules_to_save") or []
 
     def listed(name: str, keys: list[str]) -> bool:  # peft's rule for a list of module names: name suffixes
@@ -819,8 +934,21 @@ class _TiedTokenRowsReport(logging.Filter):
         return not rows or not all(spurious)
 
 
+def read_adapter_config(folder: Path) -> dict:
+    """`adapter_config.json` as a dict, or a ValueError that names the file."""
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable adapter config ({error}).") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
 def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
     """Raise a clear ValueError when an adapter folder is missing, corrupt, or was trained for another base."""
+    read_adapter_config(folder)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise ValueError(f"Adapter folder {folder} has no adapter_model.safetensors.")
@@ -831,6 +959,11 @@ def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:  # safetensors raises several error types for damaged files
         raise ValueError(f"{weights} is not a readable safetensors file ({error}).") from error
+    adapter_keys = [key for key in shapes if ".lora_" in key or key.endswith(".token_adapter.trainable_tokens_delta")]
+    if not adapter_keys and not read_adapter_config(folder).get("modules_to_save"):
+        raise ValueError(
+            f"{weights} holds no LoRA or token-row tensors ({len(shapes)} tensors): it would load and change nothing."
+        )
     problems = []
     for key, shape in shapes.items():
         if key.endswith(".token_adapter.trainable_tokens_delta"):  # peft trainable tokens: (tokens, embedding width)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -123,6 +124,24 @@ def check_folders(source: Path, output: Path) -> None:
         raise ValueError(f"--output {output} must not be the source folder or inside it ({source}).")
 
 
+def choose_group_size(model, modules_regex: str, requested: int | None, default: int) -> int:
+    """The requested group size if it divides the input width of every quantized linear, else a clear error naming
+    the sizes that do; without a request, the largest of default, default/2, ... that divides them all (printed)."""
+    widths = sorted({module.in_features for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and re.fullmatch(modules_regex, name)})
+    if not widths:
+        raise ValueError(f"No linear layer matches --modules {modules_regex!r}: nothing to quantize.")
+    candidates = [size for size in (default >> shift for shift in range(default.bit_length())) if size]
+    valid = [size for size in candidates if all(width % size == 0 for width in widths)]
+    if requested is not None:
+        if any(width % requested for width in widths):
+            raise ValueError(f"--group-size {requested} does not divide every input width of the quantized layers "
+                             f"({widths}); sizes that do: {valid}.")
+        return requested
+    print(f"group size {valid[0]} (the largest of {candidates} that divides every input width, {widths})")
+    return valid[0]
+
+
 def quantize_folder(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForImageTextToText
 
@@ -135,11 +154,13 @@ def quantize_folder(args: argparse.Namespace) -> dict[str, Any]:
     float_logits, float_tokens = run_check(model, inputs, args.check_tokens)
 
     quantization = quantization_module(model)
+    modules_regex = args.modules or quantization.DEFAULT_MODULES
+    group_size = choose_group_size(model, modules_regex, args.group_size, quantization.DEFAULT_GROUP_SIZE)
     report = quantization.quantize_model(
         model,
         bits=args.bits,
-        group_size=args.group_size or quantization.DEFAULT_GROUP_SIZE,
-        modules_regex=args.modules or quantization.DEFAULT_MODULES,
+        group_size=group_size,
+        modules_regex=modules_regex,
         scale_dtype=args.scale_dtype,
     )
     spec = {key: report[key] for key in ("bits", "group_size", "modules", "scale_dtype")}
@@ -186,8 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="float AndesVL folder (config.json + weights)")
     parser.add_argument("--output", type=Path, required=True, help="folder to write (created if needed)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="code width (default 4)")
-    parser.add_argument("--group-size", type=int, help="inputs per scale (default 64 for both widths: it divides "
-                        "every in_features of every AndesVL size)")
+    parser.add_argument("--group-size", type=int, help="inputs per scale (default: 64, which divides every "
+                        "in_features of every official AndesVL size, or the largest power-of-two fraction of it "
+                        "that divides this model's, e.g. 16 for AndesVL-Tiny; the choice is printed)")
     parser.add_argument("--modules", help="regex fullmatched against module names (default: the language model's "
                         "attention and MLP projections, never lm_head, the vision encoder or the projector)")
     parser.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16")

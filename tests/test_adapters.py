@@ -281,3 +281,49 @@ PeftModel.from_pretrained(load_model({HUB_ID!r}), {HUB_ID!r}, subfolder="adapter
 """
     result = _run(code, _hub_cache(adapter_repo, tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rows", [
+    (("ocr", "ocr"), ("vqa", "__base__"), ("ocr", "ocr-qalft-int4")),
+    (("gui", "gui"), ("vqa", "__base__"), ("gui", "gui-qalft-int4")),
+])
+def test_shipped_adapters_in_a_mixed_batch_equal_each_row_alone(rows):
+    """README path (b) with the adapters AndesVL-Tiny ships: `ocr` trains the projector in full (modules_to_save) and
+    all train token rows, so the projector must see one row per conversation, not the packed visual tokens (before:
+    "Length of adapter_names should be the same as the number of inputs, but got 3 and 118")."""
+    from conftest import load_processor
+
+    repo = ROOT / "AndesVL-Tiny"
+    processor = load_processor(repo)
+    examples = [json.loads(line) for line in (ROOT / "assets/andesvl-tiny/examples.jsonl").read_text().splitlines()]
+    conversations, names = [], []
+    for index, (task, name) in enumerate(rows):
+        example = [e for e in examples if e["task"] == task][index // 2]
+        content = [{**part, "path": str(ROOT / "assets/andesvl-tiny" / part["path"])} if part["type"] == "image"
+                   else part for part in example["messages"][0]["content"]]
+        conversations.append([{"role": "user", "content": content}])
+        names.append(name)
+    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt", padding=True)
+    adapters = [name for name in dict.fromkeys(names) if name != "__base__"]
+    model = PeftModel.from_pretrained(load_model(repo), repo, subfolder=f"adapters/{adapters[0]}",
+                                      adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.load_adapter(repo, adapter_name=name, subfolder=f"adapters/{name}")
+    generate = dict(max_new_tokens=8, do_sample=False)
+    mixed = model.generate(**batch, adapter_names=names, **generate)[:, batch["input_ids"].shape[1]:]
+    for row, (name, conversation) in enumerate(zip(names, conversations)):
+        single = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model.generate(**single, **generate)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(**single, **generate)
+        alone = alone[0, single["input_ids"].shape[1]:]
+        got = mixed[row][: len(alone)]
+        assert got.tolist() == alone.tolist(), (name, processor.decode(got), processor.decode(alone))
+    model.set_adapter(adapters[0])  # the PeftModel still works for a one-row generate afterwards
+    model.generate(**processor.apply_chat_template(conversations[0], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt"), **generate)

@@ -318,3 +318,18 @@ def test_config_field_round_trips(quantized):
     assert config.quantization["bits"] == report["bits"]
     assert config.to_dict()["quantization"] == config.quantization
     assert type(config)(**config.to_dict()).quantization == config.quantization
+
+
+def test_group_size_defaults_to_one_that_divides_the_model_and_a_bad_one_names_the_valid_sizes(tmp_path, capsys):
+    """README's `quantize.py --bits 4` on AndesVL-Tiny (widths 80, 128, 384): 64 does not divide 80, so the default
+    falls to 16 and says so; an explicit 64 fails naming the sizes that would work."""
+    output = tmp_path / "int4"
+    report = quantize.main(["--model", str(ROOT / "AndesVL-Tiny"), "--output", str(output), "--bits", "4",
+                            "--check-tokens", "1"])
+    assert report["group_size"] == 16
+    assert "group size 16" in capsys.readouterr().out
+    with pytest.raises((ValueError, SystemExit)) as error:
+        quantize.main(["--model", str(ROOT / "AndesVL-Tiny"), "--output", str(tmp_path / "bad"), "--bits", "4",
+                       "--group-size", "64", "--check-tokens", "1"])
+    assert "sizes that do: [16, 8, 4, 2, 1]" in str(error.value) + capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
