@@ -83,7 +83,7 @@ def test_remote_code_is_import_pure():
     """Remote-code modules import only torch/transformers/PIL/numpy/stdlib at module level and read no env vars."""
     allowed = {"torch", "transformers", "PIL", "numpy", "__future__", "typing", "math", "base64", "binascii",
                "contextlib", "copy", "io", "os", "warnings", "logging", "re", "json", "dataclasses", "functools",
-               "pathlib"}
+               "pathlib", "inspect", "time"}
     for name in build_repo.REMOTE_CODE_FILES:
         source = (ROOT / name).read_text()
         assert "import flash_attn" not in source and "from flash_attn" not in source, name
