@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,10 +285,14 @@ def verify_checkpoint(folder: Path, weights: Path) -> dict[str, list[str]]:
     return {"checked_keys": sorted(found)}
 
 
+def is_weights_file(path: Path) -> bool:
+    return path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
+
+
 def copy_weights(weights: Path, output: Path, link: bool) -> list[str]:
     names = []
     for path in sorted(weights.iterdir()):
-        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+        if is_weights_file(path):
             target = output / path.name
             if target.exists() or target.is_symlink():
                 target.unlink()
@@ -308,15 +313,87 @@ def save_tiny_weights(output: Path, config: dict, seed: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_paths(output: Path, weights: Path) -> None:
+    """Refuse an output folder that is, contains or lies inside the weights folder (it would destroy the input)."""
+    out, src = output.resolve(), weights.resolve()
+    if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+        raise ValueError(
+            f"Refusing to build: --output {output} ({out}) is, contains or lies inside --weights {weights} ({src}); "
+            "choose an output folder outside the weights folder."
+        )
+
+
+def _install(staged: Path, output: Path) -> None:
+    """Move the verified folder `staged` into an existing `output`: its files replace theirs, weights files of
+    `output` that are not in `staged` (stale) are removed, other files stay. All or nothing: on an error, every
+    move is undone."""
+    backup = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+    moves: list[tuple[Path, Path]] = []  # (source, destination) of every rename done, to undo in reverse
+    created: list[Path] = []
+    try:
+        for path in sorted(output.iterdir()):  # stale weights: files of the old set missing from the new one
+            new = staged / path.name
+            if is_weights_file(path) and (path.is_file() or path.is_symlink()) and not (new.exists() or new.is_symlink()):
+                os.replace(path, backup / path.name)
+                moves.append((path, backup / path.name))
+        for path in sorted(staged.rglob("*")):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            rel = path.relative_to(staged)
+            target = output / rel
+            for parent in reversed(rel.parents[:-1]):
+                if not (output / parent).is_dir():
+                    (output / parent).mkdir()
+                    created.append(output / parent)
+            if target.exists() or target.is_symlink():
+                if target.is_dir() and not target.is_symlink():
+                    raise IsADirectoryError(f"{target} is a folder; the new repo has a file there.")
+                (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, backup / rel)
+                moves.append((target, backup / rel))
+            os.replace(path, target)
+            moves.append((path, target))
+    except BaseException:
+        for source, destination in reversed(moves):
+            os.replace(destination, source)
+        for folder in reversed(created):
+            folder.rmdir()
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
 def build(size: str | None, tiny: str | None, output: Path, weights: Path | None, link: bool, seed: int) -> dict:
+    """Write the repo folder `output`. With `weights`, the folder is assembled and verified in a temporary folder
+    next to `output` and only then moved into place, so a failure leaves `output` (and `weights`) untouched."""
     config = tiny_config(tiny) if tiny else official_config(size)
     report: dict = {"output": str(output), "model_type": config["model_type"]}
-    if tiny:
-        report["tiny_parameters"] = save_tiny_weights(output, config, seed)
-    write_repo_files(output, config)  # after save_pretrained: the hand-authored JSON and sources win
-    if weights:
-        report["checked_keys"] = len(verify_checkpoint(output, weights)["checked_keys"])
-        report["weights"] = copy_weights(weights, output, link)
+    if not weights:
+        if tiny:
+            report["tiny_parameters"] = save_tiny_weights(output, config, seed)
+        write_repo_files(output, config)  # after save_pretrained: the hand-authored JSON and sources win
+        return report
+    check_paths(output, weights)
+    final = output.resolve()
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"--output {output} exists and is not a folder.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        if tiny:
+            report["tiny_parameters"] = save_tiny_weights(staged, config, seed)
+        write_repo_files(staged, config)
+        for path in list(staged.iterdir()):  # the supplied weights replace the random ones, whatever their names
+            if is_weights_file(path):
+                path.unlink()
+        report["weights"] = copy_weights(weights, staged, link)
+        report["checked_keys"] = len(verify_checkpoint(staged, staged)["checked_keys"])
+        if final.exists():
+            _install(staged, final)
+        else:
+            os.rename(staged, final)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return report
 
 
