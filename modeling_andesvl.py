@@ -948,7 +948,7 @@ def read_adapter_config(folder: Path) -> dict:
 
 def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
     """Raise a clear ValueError when an adapter folder is missing, corrupt, or was trained for another base."""
-    read_adapter_config(folder)
+    config = read_adapter_config(folder)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise ValueError(f"Adapter folder {folder} has no adapter_model.safetensors.")
@@ -960,7 +960,7 @@ def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
     except Exception as error:  # safetensors raises several error types for damaged files
         raise ValueError(f"{weights} is not a readable safetensors file ({error}).") from error
     adapter_keys = [key for key in shapes if ".lora_" in key or key.endswith(".token_adapter.trainable_tokens_delta")]
-    if not adapter_keys and not read_adapter_config(folder).get("modules_to_save"):
+    if not adapter_keys and not config.get("modules_to_save"):
         raise ValueError(
             f"{weights} holds no LoRA or token-row tensors ({len(shapes)} tensors): it would load and change nothing."
         )
