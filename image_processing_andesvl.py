@@ -40,12 +40,16 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's default decompression-bomb error threshold (2 * MAX_IMAGE_PIXELS)
+# Input limits, checked before decoding (file size, then the size the header declares). 2**25 pixels (8192 x 4096) is
+# 10x the largest canvas the resize rules make ("eval": 1792**2 = 3.2 Mpx) and decodes in about 0.3 GB even as 16-bit.
+DEFAULT_MAX_IMAGE_PIXELS = 2**25
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # encoded size cap for files, data URLs and downloads (a 8k x 8k PNG is ~20 MB)
+CONVERT_ROWS = 512  # rows converted at a time from 16-bit / float (bounds the temporary arrays)
 RESIZE_MODES = ("hf_chat", "eval")
 DEFAULT_MAX_SIZE = {"hf_chat": 733, "eval": 1792}
 OVERRIDABLE_KEYS = ("resize_mode", "max_size", "min_size", "image_scale", "max_resolution", "min_tokens",
-                    "image_mean", "image_std", "do_convert_rgb", "rescale_factor", "resample", "max_image_pixels")
+                    "image_mean", "image_std", "do_convert_rgb", "rescale_factor", "resample", "max_image_pixels",
+                    "max_image_bytes")
 CONFIG_KEYS = ("patch_size", "merge_size") + OVERRIDABLE_KEYS
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is how PIL decodes most 16-bit files
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -274,8 +278,12 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in SIXTEEN_BIT_MODES:
-        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
-        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+        values = np.asarray(image)  # [H, W] uint16 or int32 ("I")
+        scaled = np.empty(values.shape, dtype=np.uint8)
+        for start in range(0, values.shape[0], CONVERT_ROWS):  # row blocks: no full-size int64 temporaries
+            block = values[start : start + CONVERT_ROWS]
+            scaled[start : start + CONVERT_ROWS] = np.clip(block, 0, 65535).astype(np.int32) >> 8
+        return Image.fromarray(scaled).convert("RGB")
     if image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
         values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
@@ -339,7 +347,11 @@ def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def to_pil_image(image: Any, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def to_pil_image(
+    image: Any,
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES,
+) -> Image.Image:
     """Any accepted image value (PIL, numpy, torch, path, URL string, bytes) -> PIL image (mode unchanged)."""
     if isinstance(image, Image.Image):
         pil_image = image
@@ -348,7 +360,7 @@ def to_pil_image(image: Any, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE
     elif isinstance(image, np.ndarray):
         pil_image = _array_to_pil(image)
     elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return load_image(image, max_image_pixels=max_image_pixels)
+        return load_image(image, max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes)
     else:
         raise ValueError(
             f"Unsupported image type {type(image).__name__}; expected a PIL image, numpy array, torch tensor, "
@@ -384,7 +396,10 @@ class AndesVLImageProcessor(BaseImageProcessor):
         min_tokens (`int`, defaults to 4): images below `min_tokens * base**2` pixels are scaled up.
         do_convert_rgb (`bool`, defaults to `True`): convert any PIL mode to 8-bit RGB (else RGB is required).
         rescale_factor (`float`, defaults to 1/255) and resample (`int`, defaults to 3 = bicubic).
-        max_image_pixels (`int`, *optional*, defaults to 178956970): inputs with more pixels are rejected.
+        max_image_pixels (`int`, *optional*, defaults to 2**25 = 33554432, 8192 x 4096): an image whose header
+            declares more pixels is rejected before it is decoded (10x the largest canvas; `None` lifts the limit).
+        max_image_bytes (`int`, *optional*, defaults to 64 MiB): an image file, data URL or download above this size
+            is rejected before it is read (`None` lifts the limit).
     """
 
     model_input_names = ["pixel_values", "image_grid_hw"]
@@ -407,6 +422,7 @@ class AndesVLImageProcessor(BaseImageProcessor):
         rescale_factor: float = 1 / 255,
         resample: int = 3,
         max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+        max_image_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -416,7 +432,7 @@ class AndesVLImageProcessor(BaseImageProcessor):
         self.resize_mode, self.max_size, self.min_size, self.image_scale = resize_mode, max_size, min_size, image_scale
         self.max_resolution, self.min_tokens = max_resolution, min_tokens
         self.do_convert_rgb, self.rescale_factor, self.resample = do_convert_rgb, rescale_factor, int(resample)
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.max_image_bytes = max_image_pixels, max_image_bytes
         if self.patch_size <= 0 or self.merge_size <= 0:
             raise ValueError(f"patch_size and merge_size must be positive, got {patch_size} and {merge_size}.")
         self._resolve_options({})  # validate the defaults once
@@ -429,7 +445,7 @@ class AndesVLImageProcessor(BaseImageProcessor):
         """Instance settings updated with the non-None per-call `overrides`, validated."""
         unknown = sorted(key for key, value in overrides.items() if key not in OVERRIDABLE_KEYS and value is not None)
         if unknown:
-            raise ValueError(f"Unknown image processor option(s) {unknown}; valid ones: {list(OVERRIDABLE_KEYS)}.")
+            raise TypeError(f"Unknown image processor option(s) {unknown}; valid ones: {list(OVERRIDABLE_KEYS)}.")
         options = {key: getattr(self, key) for key in OVERRIDABLE_KEYS}
         options.update({key: value for key, value in overrides.items() if value is not None})
         if options["resize_mode"] not in RESIZE_MODES:
@@ -498,7 +514,7 @@ class AndesVLImageProcessor(BaseImageProcessor):
         return (pixels.float() * options["rescale_factor"] - mean) / std
 
     def _to_rgb(self, image: Any, options: dict) -> Image.Image:
-        image = to_pil_image(image, options["max_image_pixels"])
+        image = to_pil_image(image, options["max_image_pixels"], options["max_image_bytes"])
         if options["do_convert_rgb"]:
             return convert_to_rgb(image)
         if image.mode != "RGB":

@@ -810,12 +810,14 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
 
         Keyword arguments: `thinking` / `Thinking` (end the prompt with `<think>`; the answer is returned with it),
         `official_double_header` (repeat the assistant header like the official HF `chat()`),
-        `allow_remote_images` (fetch http(s) image URLs), the image options `resize_mode`, `max_size`, `min_size`,
-        `image_scale`; everything else goes to `generate` (e.g. `max_new_tokens`, `do_sample`, `temperature`).
+        `allow_remote_images` (fetch http(s) image URLs), `allow_special_tokens_in_text` (let message text hold turn
+        and image markers; refused by default), the image options (`IMAGE_KWARGS`: `resize_mode`, `max_size`,
+        `min_size`, `image_scale`, ...); everything else goes to `generate` (e.g. `max_new_tokens`, `do_sample`).
         """
         processor = self._official_processor(tokenizer, image_processor)
         thinking = _pop_thinking(kwargs)
-        template_kwargs = {"enable_thinking": thinking, "official_double_header": kwargs.pop("official_double_header", False)}
+        template_kwargs = {"enable_thinking": thinking, "official_double_header": kwargs.pop("official_double_header", False),
+                           "allow_special_tokens_in_text": kwargs.pop("allow_special_tokens_in_text", False)}
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = [normalize_messages(m) for m in (messages if batched else [messages])]
         prompts = [processor.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in conversations]

@@ -195,7 +195,8 @@ def preprocessor_config(config: dict) -> dict:
         "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
         "resample": 3,
-        "max_image_pixels": 178956970,
+        "max_image_pixels": 2**25,  # image_processing_andesvl.DEFAULT_MAX_IMAGE_PIXELS
+        "max_image_bytes": 64 * 2**20,  # image_processing_andesvl.DEFAULT_MAX_IMAGE_BYTES
     }
 
 

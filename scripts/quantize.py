@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from folders import staged_folder
+
 REPORT_NAME = "quantization_report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SKIPPED_NAMES = ("config.json", REPORT_NAME, "__pycache__", ".git", ".cache")
@@ -120,8 +122,11 @@ def check_folders(source: Path, output: Path) -> None:
     if not (source / "config.json").is_file():
         raise ValueError(f"--model {source} is not a model folder (no config.json).")
     source, output = source.resolve(), output.resolve()
-    if output == source or source in output.parents:
-        raise ValueError(f"--output {output} must not be the source folder or inside it ({source}).")
+    if output == source or output.is_relative_to(source) or source.is_relative_to(output):
+        raise ValueError(f"--output {output} must not be, contain or lie inside the source folder ({source}).")
+    if output.is_dir() and any(output.iterdir()) and not (output / REPORT_NAME).is_file():
+        raise ValueError(f"--output {output} is a non-empty folder that no earlier quantize.py run wrote (no "
+                         f"{REPORT_NAME}); choose a new or empty folder.")
 
 
 def choose_group_size(model, modules_regex: str, requested: int | None, default: int) -> int:
@@ -164,10 +169,10 @@ def quantize_folder(args: argparse.Namespace) -> dict[str, Any]:
         scale_dtype=args.scale_dtype,
     )
     spec = {key: report[key] for key in ("bits", "group_size", "modules", "scale_dtype")}
-    args.output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.output)
-    copied = copy_non_weight_files(args.model, args.output)
-    write_config(args.model, args.output, spec)
+    with staged_folder(args.output) as staged:  # an earlier output is replaced whole (no stale shards), at the end
+        model.save_pretrained(staged)
+        copied = copy_non_weight_files(args.model, staged)
+        write_config(args.model, staged, spec)
     del model
 
     reloaded, info = AutoModelForImageTextToText.from_pretrained(

@@ -25,6 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
+from folders import staged_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("config.json", "generation_config.json", "model.safetensors")
 NOT_SHIPPED = ("README.md", "training_metrics.json", "loss_curve.png")  # the root card / the last stage's copies
@@ -58,11 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def reset(folder: Path) -> None:
-    if folder.is_symlink() or folder.is_file():
-        raise SystemExit(f"{folder} is not a folder")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+def check_output(output: Path, work: Path) -> None:
+    """Refuse an output that is, contains or lies inside the work folder (the input), or that contains the repo."""
+    out, src = output.resolve(), work.resolve()
+    if out == src or out.is_relative_to(src) or src.is_relative_to(out) or ROOT.resolve().is_relative_to(out):
+        raise SystemExit(f"Refusing to write {output} ({out}): it is, contains or lies inside --work {work} ({src}), "
+                         f"or contains the repository {ROOT}; choose another output folder.")
+    if output.is_symlink() or output.is_file():
+        raise SystemExit(f"{output} is not a folder")
 
 
 def link_or_copy_repo_files(source: Path, output: Path) -> list[str]:
@@ -109,7 +114,6 @@ def copy_training_and_eval(work: Path, output: Path) -> None:
 
 def write_demo_examples(data: Path, output: Path) -> int:
     """The first examples of each test split, images copied, in DEMO_PLAN order (+ easy-vqa again, base)."""
-    reset(output)
     (output / "images").mkdir()
     plan = [*DEMO_PLAN, ("vqa", None, 1)]
     lines, seen = [], {}
@@ -139,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
     source = args.work / "AndesVL-Tiny"
     if not (source / "model.safetensors").is_file():
         raise SystemExit(f"{source} holds no model.safetensors: run scripts/train_tiny.sh first")
-    reset(args.output)
-    linked = link_or_copy_repo_files(source, args.output)
-    adapters = copy_adapters(source, args.output)
-    copy_training_and_eval(args.work, args.output)
-    (args.output / "README.md").write_text(CARD.format(adapters=", ".join(f"`{name}`" for name in adapters)))
-    examples = write_demo_examples(args.work / "datasets", args.demo_output)
+    check_output(args.output, args.work)
+    check_output(args.demo_output, args.work)
+    with staged_folder(args.output) as output:  # the old folder is replaced only when every file was written
+        linked = link_or_copy_repo_files(source, output)
+        adapters = copy_adapters(source, output)
+        copy_training_and_eval(args.work, output)
+        (output / "README.md").write_text(CARD.format(adapters=", ".join(f"`{name}`" for name in adapters)))
+    with staged_folder(args.demo_output) as demo_output:
+        examples = write_demo_examples(args.work / "datasets", demo_output)
     summary = {"output": str(args.output), "bytes": folder_bytes(args.output), "adapters": adapters,
                "linked_to_root": linked, "demo_examples": examples}
     print(json.dumps(summary, indent=2))

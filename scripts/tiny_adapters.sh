@@ -14,7 +14,7 @@ adapter() {  # name seed train-file eval-file steps [finetune_lora flags]
   if compgen -G "$runs/adapter-$name/checkpoint-*" > /dev/null; then resume=(--resume); fi
   "$py" "$root/scripts/finetune_lora.py" --model "$model" --name "$name" --dtype float32 --save-dtype bfloat16 \
     --train-file "$train" --eval-file "$eval" --lora-dropout 0.0 --target-modules "$LM_TARGETS" \
-    --train-answer-tokens --learning-rate 1e-3 --warmup-steps 30 --max-steps "$steps" --per-device-batch-size 8 \
+    --learning-rate 1e-3 --warmup-steps 30 --max-steps "$steps" --per-device-batch-size 8 \
     --num-threads 1 --seed "$seed" --base-model-id AndesVL-Tiny --work-dir "$runs/adapter-$name" \
     --output-dir "$model/adapters/$name" --save-steps 200 --eval-steps "$steps" --logging-steps 20 "${resume[@]}" \
     "$@" > "$runs/adapter-$name.log" 2>&1 \
@@ -22,15 +22,15 @@ adapter() {  # name seed train-file eval-file steps [finetune_lora flags]
   echo "adapters/$name: $(tail -c 300 "$runs/adapter-$name.log" | tr '\n' ' ')"
 }
 
-# Every adapter also trains the embedding rows of its answer tokens (--train-answer-tokens: a LoRA cannot move the
-# digits' output vectors; measured, without them the ocr adapter read 7.6% of held-out numbers, with them 29.5%).
-# ocr: rank 32 and the projector in full, on the number images. gui: rank 16, 1,200 steps (measured: validation loss
-# 0.61, 15.5% of 200 GUI tests; rank 8 and 400 steps: 0.89, 0%), the projector left to ocr (the folder stays under
-# 48 MB).
+# Every adapter is LoRA on the text model's linears and nothing else: no full module copies (modules_to_save) and no
+# trained token rows. That is the one form every serving path takes: peft's load_adapter / set_adapter, mixed
+# per-row batches (adapter_names=) and hotswap, vLLM's per-request LoRA and the exported ExecuTorch programs.
+# Measured on the earlier recipe, the answer-token rows and a projector copy lifted held-out OCR numbers from 7.6% to
+# 29.5%, but they made the ocr adapter unservable in a mixed batch with gui and by vLLM (AndesVL-Tiny/README.md).
+# ocr: rank 32 on the number images. gui: rank 16, 1,200 steps (measured: rank 8 and 400 steps reached 0%).
 adapter_pairs() {  # seed suffix: ocr, ocr-qalft-int4, gui, gui-qalft-int4 (each name + suffix), trained with that seed
   local seed="$1" suffix="$2" first second
-  local ocr=("$data/ocr/train-numbers.jsonl" "$data/ocr/val-numbers.jsonl" 2000 --lora-rank 32 --lora-alpha 64
-             --train-projector)
+  local ocr=("$data/ocr/train-numbers.jsonl" "$data/ocr/val-numbers.jsonl" 2000 --lora-rank 32 --lora-alpha 64)
   local gui=("$data/gui/train.jsonl" "$data/gui/val.jsonl" 1200 --lora-rank 16 --lora-alpha 32)
   # Two single-threaded trainings at a time use both cores better than one two-threaded one.
   phase "adapters: ocr$suffix (plain LoRA | QALFT int4), seed $seed"

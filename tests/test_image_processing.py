@@ -197,7 +197,7 @@ def test_invalid_options_raise(processor):
         AndesVLImageProcessor(resize_mode="native")
     with pytest.raises(ValueError, match="valid modes"):
         processor(solid(64, 64), resize_mode="vllm")
-    with pytest.raises(ValueError, match="max_sise"):
+    with pytest.raises(TypeError, match="max_sise"):
         processor(solid(64, 64), max_sise=1792)
     with pytest.raises(ValueError, match="positive"):
         processor(solid(64, 64), max_size=0)

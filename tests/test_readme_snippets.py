@@ -1,0 +1,78 @@
+"""Every Python snippet of README.md and adapters/README.md runs as written against AndesVL-Tiny.
+
+The only substitution is the model: the Hub id `org/AndesVL-4B` becomes the AndesVL-Tiny folder. Snippets run offline
+in a scratch folder that holds the one input file they name (`receipt.png`, an AndesVL-Tiny OCR example). Each snippet
+runs in a fresh namespace, except one introduced by "(continues the snippet above)", which runs after the snippet
+before it, in the same namespace.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+READMES = ("README.md", "adapters/README.md")
+HUB_ID = '"org/AndesVL-4B"'
+CONTINUES = "(continues the snippet above)"
+FENCE = re.compile(r"^( *)```python\n(.*?)^\1```$", re.MULTILINE | re.DOTALL)
+EXAMPLE_IMAGE = ROOT / "assets/andesvl-tiny/images/ocr_000000.png"
+
+
+@dataclass
+class Snippet:
+    readme: str
+    line: int
+    code: str
+    continues: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.readme}:{self.line}"
+
+
+def readme_snippets() -> list[Snippet]:
+    snippets = []
+    for readme in READMES:
+        text = (ROOT / readme).read_text()
+        for match in FENCE.finditer(text):
+            before = text[: match.start()].rstrip().splitlines()[-1] if match.start() else ""
+            line = text.count("\n", 0, match.start()) + 1
+            snippets.append(Snippet(readme, line, textwrap.dedent(match.group(2)), CONTINUES in before))
+    return snippets
+
+
+SNIPPETS = readme_snippets()
+
+
+def chain(index: int) -> list[Snippet]:
+    """The snippet and, when it continues one, every snippet it builds on (in order)."""
+    snippets = [SNIPPETS[index]]
+    while snippets[0].continues:
+        index -= 1
+        snippets.insert(0, SNIPPETS[index])
+    return snippets
+
+
+def test_the_readmes_have_the_snippets_this_test_expects():
+    """Guards the parser: a README edit that breaks the fences must not leave this suite with nothing to run."""
+    assert len(SNIPPETS) >= 7, [s.name for s in SNIPPETS]
+    assert sum(s.continues for s in SNIPPETS) >= 1
+    for snippet in SNIPPETS:
+        compile(snippet.code, snippet.name, "exec")  # every snippet is Python as written
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[s.name for s in SNIPPETS])
+def test_readme_snippet_runs_against_andesvl_tiny(index, tmp_path, monkeypatch):
+    tiny = repr(str(ROOT / "AndesVL-Tiny")).replace("'", '"')
+    shutil.copy(EXAMPLE_IMAGE, tmp_path / "receipt.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {"__name__": "__readme__"}
+    for snippet in chain(index):
+        exec(compile(snippet.code.replace(HUB_ID, tiny), snippet.name, "exec"), namespace)
