@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from folders import overlap_error  # sibling script: refuse outputs that would overwrite the model
 from quantize import quantization_module  # sibling script: the deployed quantizer's module
 from torch import nn
 
@@ -702,6 +703,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not Path(args.model).is_dir():
             parser.error(f"--model {args.model} is not a local folder: give --output-dir")
         args.output_dir = Path(args.model) / "adapters" / args.name
+    if Path(args.model).is_dir() and (problem := overlap_error(args.output_dir, Path(args.model), allow_inside=True)):
+        parser.error(f"--output-dir would write over --model ({problem}); adapters go to a folder of their own, "
+                     f"by default <model>/adapters/<name>")
     args.work_dir = args.work_dir or Path("outputs") / f"finetune-{args.name}"
     args.trainable_tokens = None  # main() fills in the answer token ids with --train-answer-tokens
     return args

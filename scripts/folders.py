@@ -25,3 +25,16 @@ def staged_folder(output: Path):
         os.replace(output, backup)
     os.replace(staged, output)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def overlap_error(output: Path, source: Path, allow_inside: bool = False) -> str | None:
+    """Why writing `output` could destroy `source` (it is it, contains it or, unless `allow_inside`, lies inside it),
+    or None when the two folders are apart."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    if out == src:
+        return f"{output} is {source}"
+    if src.is_relative_to(out):
+        return f"{output} contains {source}"
+    if out.is_relative_to(src) and not allow_inside:
+        return f"{output} lies inside {source}"
+    return None

@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import build_repo  # noqa: E402
 import finetune_lora as ft  # noqa: E402
+from folders import overlap_error  # noqa: E402
 from evaluate import box_intersection, text_of  # noqa: E402  (sibling script: message text, box overlap)
 from make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS  # noqa: E402  (sibling script)
 
@@ -826,6 +827,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.stages = args.stages or [args.stage]
     if args.micro and args.init != "tiny-aimv2":
         parser.error("--micro only applies to --init tiny-aimv2")
+    if args.init != "tiny-aimv2" and (problem := overlap_error(args.output, Path(args.init))):
+        parser.error(f"--output would write over --init ({problem}); choose another output folder")
     return args
 
 

@@ -1,5 +1,6 @@
-"""Every script that writes a model folder refuses to write over its input and replaces an earlier output only as a
-whole, at the end: quantize.py and ship_tiny.py (build_repo.py: test_build_repo_safety.py).
+"""Every script that writes a model folder refuses to write over its input: quantize.py and ship_tiny.py also replace
+an earlier output only as a whole, at the end; train.py and finetune_lora.py refuse an output that is or contains
+the model they start from (build_repo.py: test_build_repo_safety.py).
 
 Run: `.venv/tf5/bin/python -m pytest tests/test_tool_output_safety.py -q` (and the same with `.venv/tf4`).
 """
@@ -71,3 +72,30 @@ def test_ship_tiny_refuses_to_write_over_its_input_or_the_repo(tmp_path, where):
     with pytest.raises(SystemExit, match="Refusing to write"):
         ship_tiny.main(["--work", str(work), "--output", str(output), "--demo-output", str(tmp_path / "demo")])
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["same", "containing"])
+def test_train_refuses_an_output_over_its_init_model(tmp_path, capsys, where):
+    import train
+
+    init = model_folder(tmp_path / "runs" / "pretrain")
+    output = {"same": init, "containing": tmp_path / "runs"}[where]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--init", str(init), "--stage", "sft", "--data", str(tmp_path), "--work-dir",
+                          str(tmp_path / "work"), "--output", str(output)])
+    assert "--output would write over --init" in capsys.readouterr().err
+    train.parse_args(["--init", str(init), "--stage", "sft", "--data", str(tmp_path), "--work-dir",
+                      str(tmp_path / "work"), "--output", str(tmp_path / "sft")])  # apart: accepted
+
+
+@pytest.mark.parametrize("where", ["same", "containing"])
+def test_finetune_refuses_an_adapter_folder_over_its_model(tmp_path, capsys, where):
+    import finetune_lora
+
+    model = model_folder(tmp_path / "models" / "base")
+    output = {"same": model, "containing": tmp_path / "models"}[where]
+    base = ["--model", str(model), "--name", "ocr", "--train-file", str(tmp_path / "train.jsonl")]
+    with pytest.raises(SystemExit):
+        finetune_lora.parse_args([*base, "--output-dir", str(output)])
+    assert "--output-dir would write over --model" in capsys.readouterr().err
+    assert finetune_lora.parse_args(base).output_dir == model / "adapters" / "ocr"  # the default layout: inside
