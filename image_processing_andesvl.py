@@ -37,7 +37,6 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Input limits, checked before decoding (file size, then the size the header declares). 2**25 pixels (8192 x 4096) is
@@ -47,9 +46,21 @@ DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # encoded size cap for files, data URLs an
 CONVERT_ROWS = 512  # rows converted at a time from 16-bit / float (bounds the temporary arrays)
 RESIZE_MODES = ("hf_chat", "eval")
 DEFAULT_MAX_SIZE = {"hf_chat": 733, "eval": 1792}
-OVERRIDABLE_KEYS = ("resize_mode", "max_size", "min_size", "image_scale", "max_resolution", "min_tokens",
-                    "image_mean", "image_std", "do_convert_rgb", "rescale_factor", "resample", "max_image_pixels",
-                    "max_image_bytes")
+OVERRIDABLE_KEYS = (
+    "resize_mode",
+    "max_size",
+    "min_size",
+    "image_scale",
+    "max_resolution",
+    "min_tokens",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "rescale_factor",
+    "resample",
+    "max_image_pixels",
+    "max_image_bytes",
+)
 CONFIG_KEYS = ("patch_size", "merge_size") + OVERRIDABLE_KEYS
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is how PIL decodes most 16-bit files
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -109,8 +120,14 @@ def hf_chat_target_size(
 
 
 def eval_target_size(
-    width: int, height: int, base: int, max_size: int = 1792, min_size: int = 0, image_scale: float = 1.0,
-    max_resolution: int = 4172, min_tokens: int = 4,
+    width: int,
+    height: int,
+    base: int,
+    max_size: int = 1792,
+    min_size: int = 0,
+    image_scale: float = 1.0,
+    max_resolution: int = 4172,
+    min_tokens: int = 4,
 ) -> tuple[Size, Size]:
     """Canvas and content (width, height) of the official vLLM / benchmark rule (see module docstring)."""
     _check_positive_size(width, height)
@@ -247,7 +264,9 @@ def _decode_data_url(url: str) -> bytes:
 
 
 def _read_source(
-    source: Union[str, os.PathLike], allow_remote: bool, timeout: float,
+    source: Union[str, os.PathLike],
+    allow_remote: bool,
+    timeout: float,
     max_image_bytes: Optional[int] = DEFAULT_MAX_IMAGE_BYTES,
 ) -> tuple[bytes, str]:
     """Raw bytes and a description for a path, http(s) URL, data URL or raw base64 string."""
@@ -453,11 +472,15 @@ class AndesVLImageProcessor(BaseImageProcessor):
         if options["max_size"] is None:
             options["max_size"] = DEFAULT_MAX_SIZE[options["resize_mode"]]
         if options["max_size"] <= 0 or options["image_scale"] <= 0 or options["min_tokens"] < 1:
-            raise ValueError(f"max_size, image_scale and min_tokens must be positive, got {options['max_size']}, "
-                             f"{options['image_scale']} and {options['min_tokens']}.")
+            raise ValueError(
+                f"max_size, image_scale and min_tokens must be positive, got {options['max_size']}, "
+                f"{options['image_scale']} and {options['min_tokens']}."
+            )
         if options["max_resolution"] < self.base or options["min_size"] < 0:
-            raise ValueError(f"Need max_resolution >= {self.base} and min_size >= 0, got "
-                             f"{options['max_resolution']} and {options['min_size']}.")
+            raise ValueError(
+                f"Need max_resolution >= {self.base} and min_size >= 0, got "
+                f"{options['max_resolution']} and {options['min_size']}."
+            )
         mean, std = options["image_mean"], options["image_std"]
         if len(mean) != len(std):
             raise ValueError(f"image_mean has {len(mean)} values but image_std has {len(std)}.")

@@ -19,8 +19,9 @@ import inspect
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,6 @@ from .configuration_andesvl import AndesVLAimv2VisionConfig, AndesVLConfig, Ande
 from .image_processing_andesvl import AndesVLImageProcessor
 from .processing_andesvl import IMAGE_KWARGS, IMAGE_SOURCE_KEYS, AndesVLProcessor, normalize_messages
 from .quantization_andesvl import replace_linear_with_quantized
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Packed-image geometry shared by both encoders
@@ -59,7 +59,9 @@ def check_packed_images(pixel_values: torch.Tensor, image_grid_hw: torch.Tensor,
             f"({image_grid_hw.shape[0]} images)."
         )
     if bool((image_grid_hw % merge_size != 0).any()):
-        raise ValueError(f"Every image grid must be divisible by merge_size={merge_size}; got {image_grid_hw.tolist()}.")
+        raise ValueError(
+            f"Every image grid must be divisible by merge_size={merge_size}; got {image_grid_hw.tolist()}."
+        )
 
 
 def to_block_order(grid_hwd: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -203,7 +205,9 @@ class AndesVLVisionAttention(nn.Module):
         common["dropout"] = self.attention_dropout if self.training else 0.0
         if "flash" in implementation:  # varlen kernels attend within each image natively
             max_length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_length, max_length_k=max_length)
+            varlen = dict(
+                cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_length, max_length_k=max_length
+            )
             return attention(self, query, key, value, **varlen, **common)[0]
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         if len(lengths) == 1:
@@ -620,8 +624,13 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
             raise ValueError("Pass input_ids (not inputs_embeds) with pixel_values, so image tokens can be located.")
         if labels is not None:
             return self.causal_lm_loss_on_labelled_positions(
-                inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+                inputs_embeds,
+                labels,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
             )
         return self.language_model(
             inputs_embeds=inputs_embeds,
@@ -634,7 +643,10 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         )
 
     def has_image_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_grid_hw: torch.Tensor | None,
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_hw: torch.Tensor | None,
         past_key_values=None,
     ) -> bool:
         """Whether this step encodes images; in a first (uncached) step, image tokens without pixels or pixels without
@@ -707,7 +719,9 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
 
     def available_adapters(self) -> list[str]:
         """Names of the scenario adapters shipped as `adapters/<name>/` in the repo this model was loaded from."""
-        return sorted(path.parent.name for path in _repo_folder(self.name_or_path).glob("adapters/*/adapter_config.json"))
+        return sorted(
+            path.parent.name for path in _repo_folder(self.name_or_path).glob("adapters/*/adapter_config.json")
+        )
 
     def enable_adapters(self) -> None:
         """transformers' `enable_adapters`, which turns the LoRA layers back on but not the full copies of
@@ -727,8 +741,9 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in getattr(self, "peft_config", {})]
         if unknown:
-            raise ValueError(f"{len(unknown)} adapter(s) not loaded: {unknown}; loaded: "
-                             f"{list(getattr(self, 'peft_config', {}))}.")
+            raise ValueError(
+                f"{len(unknown)} adapter(s) not loaded: {unknown}; loaded: {list(getattr(self, 'peft_config', {}))}."
+            )
         try:  # in a try block: transformers requires every package imported outside one (peft is optional)
             from peft.tuners.tuners_utils import BaseTunerLayer  # installed once an adapter is loaded
         except ImportError as error:
@@ -816,11 +831,16 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
         """
         processor = self._official_processor(tokenizer, image_processor)
         thinking = _pop_thinking(kwargs)
-        template_kwargs = {"enable_thinking": thinking, "official_double_header": kwargs.pop("official_double_header", False),
-                           "allow_special_tokens_in_text": kwargs.pop("allow_special_tokens_in_text", False)}
+        template_kwargs = {
+            "enable_thinking": thinking,
+            "official_double_header": kwargs.pop("official_double_header", False),
+            "allow_special_tokens_in_text": kwargs.pop("allow_special_tokens_in_text", False),
+        }
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = [normalize_messages(m) for m in (messages if batched else [messages])]
-        prompts = [processor.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in conversations]
+        prompts = [
+            processor.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in conversations
+        ]
         images = [_image_parts(c) for c in conversations]
         answers = self._generate_text(processor, prompts, images, thinking, **kwargs)
         return answers if batched else answers[0]
@@ -840,9 +860,13 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
                 image_mean=list(image_processor.image_mean),
                 image_std=list(image_processor.image_std),
             )
-        return AndesVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+        return AndesVLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        )
 
-    def _generate_text(self, processor, prompts: list[str], images: list[list], thinking: bool, **kwargs: Any) -> list[str]:
+    def _generate_text(
+        self, processor, prompts: list[str], images: list[list], thinking: bool, **kwargs: Any
+    ) -> list[str]:
         call_kwargs = {key: kwargs.pop(key) for key in (*IMAGE_KWARGS, "allow_remote_images") if key in kwargs}
         unknown = sorted(set(kwargs) - _generate_argument_names(self))
         if unknown:
@@ -851,7 +875,9 @@ class AndesVLForConditionalGeneration(AndesVLPreTrainedModel, GenerationMixin):
                 f"image options {list(IMAGE_KWARGS)}, allow_remote_images, thinking, and generate()'s arguments."
             )
         images = images if any(images) else None
-        inputs = processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt", **call_kwargs)
+        inputs = processor(
+            text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt", **call_kwargs
+        )
         inputs = inputs.to(self.device, dtype=self.dtype)  # casts only the floating-point pixel_values
         output_ids = self.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
         answers = processor.batch_decode(output_ids, skip_special_tokens=True)

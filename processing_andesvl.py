@@ -75,7 +75,9 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif isinstance(content, str):
             content = [{"type": "text", "text": content}]
         elif not isinstance(content, (list, tuple)):
-            raise ValueError(f"Message {index} content must be a string or a list of parts, got {type(content).__name__}.")
+            raise ValueError(
+                f"Message {index} content must be a string or a list of parts, got {type(content).__name__}."
+            )
         normalized.append({**message, "content": [_normalize_part(part, index) for part in content]})
     return normalized
 

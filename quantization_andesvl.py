@@ -227,8 +227,16 @@ class AndesVLQuantizedLinear(nn.Linear):
         cls, linear: nn.Linear, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
     ) -> AndesVLQuantizedLinear:
         weight = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, scale_dtype,
-                    device=weight.device, dtype=weight.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits,
+            group_size,
+            scale_dtype,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         codes, scales = quantize_weight(weight, bits, group_size, scale_dtype)
         layer.qweight = pack_int4(codes) if bits == 4 else codes
         layer.scales = scales
@@ -317,8 +325,15 @@ def replace_linear_with_quantized(model: nn.Module, spec: dict[str, Any]) -> lis
     check_groups(selected, spec["group_size"])
     for name, linear in selected:
         # device=None follows the loading context (meta in 5.x); the bias follows the linear's dtype.
-        layer = AndesVLQuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, spec["bits"],
-                                       spec["group_size"], spec["scale_dtype"], dtype=linear.weight.dtype)
+        layer = AndesVLQuantizedLinear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            spec["bits"],
+            spec["group_size"],
+            spec["scale_dtype"],
+            dtype=linear.weight.dtype,
+        )
         set_module(model, name, layer)
     return [name for name, _ in selected]
 
@@ -371,6 +386,15 @@ def quantize_model(
 
 
 __all__ = [
-    "AndesVLQuantizedLinear", "DEFAULT_GROUP_SIZE", "DEFAULT_MODULES", "dequantize_weight", "fake_quantize",
-    "normalize_spec", "pack_int4", "quantize_model", "quantize_weight", "replace_linear_with_quantized", "unpack_int4",
+    "AndesVLQuantizedLinear",
+    "DEFAULT_GROUP_SIZE",
+    "DEFAULT_MODULES",
+    "dequantize_weight",
+    "fake_quantize",
+    "normalize_spec",
+    "pack_int4",
+    "quantize_model",
+    "quantize_weight",
+    "replace_linear_with_quantized",
+    "unpack_int4",
 ]

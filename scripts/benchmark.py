@@ -38,8 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -52,21 +53,48 @@ IMAGE_START_ID, IMAGE_END_ID = 151652, 151653
 TEXT_VOCAB_LIMIT = 151643  # ordinary BPE ids; the special tokens start here
 
 FULL_VISION = dict(
-    model_type="siglip2_navit_rope_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, patch_size=16, num_patches=1024, hidden_act="gelu_pytorch_tanh",
+    model_type="siglip2_navit_rope_model",
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    patch_size=16,
+    num_patches=1024,
+    hidden_act="gelu_pytorch_tanh",
 )
 FULL_TEXT = dict(  # Qwen3-0.6B
-    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_theta=1e6,
     max_position_embeddings=40960,
 )
 QUICK_VISION = dict(
-    model_type="siglip2_navit_rope_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, patch_size=16, num_patches=64, hidden_act="gelu_pytorch_tanh",
+    model_type="siglip2_navit_rope_model",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=16,
+    num_patches=64,
+    hidden_act="gelu_pytorch_tanh",
 )
 QUICK_TEXT = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    intermediate_size=128, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=4096,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_theta=1e6,
+    max_position_embeddings=4096,
 )
 TINY_TEXT = dict(QUICK_TEXT, vocab_size=1024, num_hidden_layers=1)  # language model carried by vision-only builds
 
@@ -120,13 +148,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark.json"), metavar="PATH",
-                        help="JSON file to write (default outputs/benchmark.json).")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("outputs/benchmark.json"),
+        metavar="PATH",
+        help="JSON file to write (default outputs/benchmark.json).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for weights and inputs (default 0).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per contender; medians are reported.")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2).")
     parser.add_argument(
-        "--decode-tokens", type=int, default=None,
+        "--decode-tokens",
+        type=int,
+        default=None,
         help="New tokens per generate() in `decode` (default 32; 8 with --quick).",
     )
     parser.add_argument("--prompt-tokens", type=int, default=32, help="Text tokens in the prompt (besides images).")
@@ -174,7 +209,12 @@ def build_qwen3_twin(andesvl: torch.nn.Module) -> torch.nn.Module:
 
 def build_native_siglip2(vision: dict, num_patches: int, seed: int) -> torch.nn.Module:
     fields = (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "hidden_act"
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "patch_size",
+        "hidden_act",
     )
     config = Siglip2VisionConfig(
         **{k: vision[k] for k in fields}, num_patches=num_patches, vision_use_head=False, attn_implementation="sdpa"
@@ -258,8 +298,12 @@ def generate_timing(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new
     timer = StepTimer()
     start = time.perf_counter()
     output = model.generate(
-        **inputs, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-        logits_processor=LogitsProcessorList([timer]), pad_token_id=0,
+        **inputs,
+        do_sample=False,
+        min_new_tokens=new_tokens,
+        max_new_tokens=new_tokens,
+        logits_processor=LogitsProcessorList([timer]),
+        pad_token_id=0,
     )
     generated = output.shape[1] - inputs["input_ids"].shape[1]
     if generated != new_tokens or len(timer.stamps) != new_tokens:
@@ -324,8 +368,7 @@ def decode_summary(runs: dict[str, list[dict]], samples: dict[str, list[float]])
     rates = {name: result[name]["decode_tokens_per_s"] for name in runs}
     result["ratio_andesvl_over_qwen3"] = rates["andesvl"] / rates["qwen3"]
     result["ratio_from_mean_step"] = (
-        result["andesvl"]["decode_tokens_per_s_from_mean_step"]
-        / result["qwen3"]["decode_tokens_per_s_from_mean_step"]
+        result["andesvl"]["decode_tokens_per_s_from_mean_step"] / result["qwen3"]["decode_tokens_per_s_from_mean_step"]
     )
     result["ratio_paired_median"] = paired_ratio(samples["qwen3"], samples["andesvl"])
     result["ratio_of_best_runs"] = min(samples["qwen3"]) / min(samples["andesvl"])  # noise only ever adds time
@@ -413,8 +456,14 @@ def prefill_contenders(model: torch.nn.Module, args: argparse.Namespace, resolut
     for count in (1, 2):
         pixel_values, grid_hw = packed_images([grid] * count, patch, args.seed)
         ids = prompt_ids([per_image] * count, args.prompt_tokens, config.image_token_id, args.seed)
-        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                      image_grid_hw=grid_hw, use_cache=True, logits_to_keep=1)
+        inputs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixel_values,
+            image_grid_hw=grid_hw,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         contenders[f"prefill_{count}_image"] = (lambda inp: lambda: timed(lambda: model(**inp)))(inputs)
         if count == 1:
             contenders["vision_features_1_image"] = lambda pv=pixel_values, g=grid_hw: timed(
@@ -458,8 +507,9 @@ def add_lora_adapters(model: torch.nn.Module, rank: int, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-                        target_modules=model.default_lora_target_modules)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules=model.default_lora_target_modules
+    )
     peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAMES[0])
     for name in ADAPTER_NAMES[1:]:
         peft_model.add_adapter(name, config)
@@ -482,11 +532,13 @@ def time_switch_vs_reload(peft_model, folder: Path, repeats: int) -> dict[str, A
         def load():
             base = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
             PeftModel.from_pretrained(base, folder / "adapters" / ADAPTER_NAMES[0])
+
         return timed(load)
 
     samples = run_interleaved({"set_adapter": switch, "reload": reload}, repeats)
     return {name: summary(values) for name, values in samples.items()} | {
-        "ratio_reload_over_set_adapter": statistics.median(samples["reload"]) / statistics.median(samples["set_adapter"])
+        "ratio_reload_over_set_adapter": statistics.median(samples["reload"])
+        / statistics.median(samples["set_adapter"])
     }
 
 
@@ -497,8 +549,11 @@ def time_mixed_batch(peft_model, text_length: int, new_tokens: int, repeats: int
     kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
 
     def mixed() -> float:
-        return timed(lambda: peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                 adapter_names=rows, **kwargs))
+        return timed(
+            lambda: peft_model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=rows, **kwargs
+            )
+        )
 
     def grouped() -> float:
         def run():
@@ -508,13 +563,16 @@ def time_mixed_batch(peft_model, text_length: int, new_tokens: int, repeats: int
                 context = peft_model.disable_adapter() if name == "__base__" else contextlib.nullcontext()
                 with context:
                     peft_model.generate(input_ids=ids[index], attention_mask=torch.ones_like(ids[index]), **kwargs)
+
         return timed(run)
 
     samples = run_interleaved({"mixed_batch": mixed, "adapter_by_adapter": grouped}, repeats)
     tokens = len(rows) * new_tokens
     throughput = {name: tokens / statistics.median(values) for name, values in samples.items()}
     return {
-        "rows": rows, "new_tokens_per_row": new_tokens, "prompt_tokens": text_length,
+        "rows": rows,
+        "new_tokens_per_row": new_tokens,
+        "prompt_tokens": text_length,
         "seconds": {name: summary(values) for name, values in samples.items()},
         "tokens_per_s": throughput,
         "ratio_mixed_over_adapter_by_adapter_throughput": throughput["mixed_batch"] / throughput["adapter_by_adapter"],
@@ -536,11 +594,13 @@ def time_adapters(args: argparse.Namespace) -> dict[str, Any]:
     mixed = time_mixed_batch(peft_model, args.prompt_tokens, max(4, args.decode_tokens // 2), args.repeats, args.seed)
     per_adapter = {name: adapter_bytes(peft_model, name) for name in ADAPTER_NAMES}
     return {
-        "lora_rank": args.lora_rank, "base_parameter_mb": base_bytes / 2**20,
+        "lora_rank": args.lora_rank,
+        "base_parameter_mb": base_bytes / 2**20,
         "memory_per_resident_adapter_mb": {name: size / 2**20 for name, size in per_adapter.items()},
         "memory_per_resident_adapter_fraction_of_base": {name: size / base_bytes for name, size in per_adapter.items()},
         "rss_delta_two_adapters_mb": rss_adapters - rss_base,
-        "switch": switch, "mixed_batch": mixed,
+        "switch": switch,
+        "mixed_batch": mixed,
     }
 
 
@@ -571,8 +631,15 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: the language model's layers and norm, plus the (tied) LM head in full;
     the embedding lookup reads one row and the vision tower does not run."""
     language_model = model.language_model
-    tensors = {id(t): t for t in [*language_model.model.layers.parameters(), *language_model.model.layers.buffers(),
-                                  *language_model.model.norm.parameters(), language_model.lm_head.weight]}
+    tensors = {
+        id(t): t
+        for t in [
+            *language_model.model.layers.parameters(),
+            *language_model.model.layers.buffers(),
+            *language_model.model.norm.parameters(),
+            language_model.lm_head.weight,
+        ]
+    }
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -591,25 +658,36 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
     ids = text_prompt_ids(args.prompt_tokens, args.seed)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     tokens = max(4, args.decode_tokens // 2)
-    contenders = {name: (lambda m=model: generate_timing(m, inputs, tokens)["step_median_s"])
-                  for name, model in variants.items()}
+    contenders = {
+        name: (lambda m=model: generate_timing(m, inputs, tokens)["step_median_s"]) for name, model in variants.items()
+    }
     samples = run_interleaved(contenders, args.repeats)
     bandwidth = measure_bandwidth_gb_s(args.repeats)
-    result: dict[str, Any] = {"decode_tokens": tokens, "prompt_tokens": args.prompt_tokens,
-                              "memory_bandwidth_gb_s": bandwidth}
+    result: dict[str, Any] = {
+        "decode_tokens": tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "memory_bandwidth_gb_s": bandwidth,
+    }
     for name, model in variants.items():
         per_token = statistics.median(samples[name])
         weight_bytes = decode_weight_bytes(model)
         roofline = bandwidth * 1e9 / weight_bytes
         result[name] = {
-            "decode_tokens_per_s": 1 / per_token, "decode_s_per_token": summary(samples[name]),
-            "model_weight_mb": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20,
+            "decode_tokens_per_s": 1 / per_token,
+            "decode_s_per_token": summary(samples[name]),
+            "model_weight_mb": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+            / 2**20,
             "decode_weight_mb_per_token": weight_bytes / 2**20,
-            "roofline_tokens_per_s": roofline, "fraction_of_roofline": (1 / per_token) / roofline,
+            "roofline_tokens_per_s": roofline,
+            "fraction_of_roofline": (1 / per_token) / roofline,
         }
     for name in ("bf16", "int8", "int4"):
-        result[f"ratio_{name}_over_fp32_tokens_per_s"] = result[name]["decode_tokens_per_s"] / result["fp32"]["decode_tokens_per_s"]
-        result[f"ratio_{name}_over_fp32_weight_memory"] = result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
+        result[f"ratio_{name}_over_fp32_tokens_per_s"] = (
+            result[name]["decode_tokens_per_s"] / result["fp32"]["decode_tokens_per_s"]
+        )
+        result[f"ratio_{name}_over_fp32_weight_memory"] = (
+            result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
+        )
     return result
 
 
@@ -634,8 +712,13 @@ def environment_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_section(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    section = {"decode": time_decode, "vision": time_vision, "prefill": time_prefill, "adapters": time_adapters,
-               "quant": time_quant}[name]
+    section = {
+        "decode": time_decode,
+        "vision": time_vision,
+        "prefill": time_prefill,
+        "adapters": time_adapters,
+        "quant": time_quant,
+    }[name]
     reset = reset_peak_rss()
     start = time.perf_counter()
     with torch.inference_mode():

@@ -1,6 +1,7 @@
 """Assemble a complete AndesVL Hub repo folder for one size, optionally next to official weights.
 
-    python scripts/build_repo.py --size 0.6B --output out/AndesVL-0.6B-Instruct --weights /path/to/OPPOer/AndesVL-0.6B-Instruct
+    python scripts/build_repo.py --size 0.6B --output out/AndesVL-0.6B-Instruct \
+        --weights /path/to/OPPOer/AndesVL-0.6B-Instruct
     python scripts/build_repo.py --size 4B --output .                 # regenerate the JSON files of this repo root
     python scripts/build_repo.py --tiny aimv2 --output /tmp/AndesVL-tiny  # a tiny random model (tests, demo)
 
@@ -134,10 +135,24 @@ SIZES = {
 }
 # Tiny shapes for tests and the embedded demo: every code path of the real sizes, a few MB of weights.
 TINY_VISION = {
-    "aimv2": {**AIMV2_LARGE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "image_size": 112, "torch_dtype": "float32"},
-    "siglip2": {**SIGLIP2_BASE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "num_patches": 64, "torch_dtype": "float32"},
+    "aimv2": {
+        **AIMV2_LARGE,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 112,
+        "torch_dtype": "float32",
+    },
+    "siglip2": {
+        **SIGLIP2_BASE,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_patches": 64,
+        "torch_dtype": "float32",
+    },
 }
 TINY_TEXT = {**qwen3_text_config(64, 2, 4, 128), "num_key_value_heads": 2, "head_dim": 16, "torch_dtype": "float32"}
 
@@ -275,8 +290,11 @@ def verify_checkpoint(folder: Path, weights: Path) -> dict[str, list[str]]:
     expected, found = expected_shapes(folder), checkpoint_shapes(weights)
     missing = sorted(set(expected) - set(found) - {TIED_KEY})
     unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in set(found) & set(expected)
-                        if found[k] != expected[k])
+    mismatched = sorted(
+        f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+        for k in set(found) & set(expected)
+        if found[k] != expected[k]
+    )
     if missing or unexpected or mismatched:
         raise ValueError(
             f"Checkpoint {weights} does not match the model: {len(missing)} missing, {len(unexpected)} unexpected, "
@@ -334,7 +352,11 @@ def _install(staged: Path, output: Path) -> None:
     try:
         for path in sorted(output.iterdir()):  # stale weights: files of the old set missing from the new one
             new = staged / path.name
-            if is_weights_file(path) and (path.is_file() or path.is_symlink()) and not (new.exists() or new.is_symlink()):
+            if (
+                is_weights_file(path)
+                and (path.is_file() or path.is_symlink())
+                and not (new.exists() or new.is_symlink())
+            ):
                 os.replace(path, backup / path.name)
                 moves.append((path, backup / path.name))
         for path in sorted(staged.rglob("*")):

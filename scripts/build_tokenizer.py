@@ -40,6 +40,7 @@ transformers 4.57.x and 5.x alike: `tokenizer_class` is `Qwen2Tokenizer` (5.x wo
 
 The script only needs the Python standard library.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,8 +1,8 @@
 """Ask an AndesVL model a question about one or more images, through the Auto classes (as Hub users do).
 
-    python scripts/chat.py --model OPPOer/AndesVL-4B-Instruct --image cat.png "What is in the picture?"
-    python scripts/chat.py --model ./AndesVL-0.6B --image a.png --image b.png --thinking --stream "Compare them."
-    python scripts/chat.py --model ./AndesVL-1B --adapter ocr --image receipt.png "Read the total."
+python scripts/chat.py --model OPPOer/AndesVL-4B-Instruct --image cat.png "What is in the picture?"
+python scripts/chat.py --model ./AndesVL-0.6B --image a.png --image b.png --thinking --stream "Compare them."
+python scripts/chat.py --model ./AndesVL-1B --adapter ocr --image receipt.png "Read the total."
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def load(args: argparse.Namespace):
         args.model, trust_remote_code=True, allow_remote_images=args.allow_remote_images
     )
     model = AutoModelForImageTextToText.from_pretrained(
-        args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation
+        args.model,
+        trust_remote_code=True,
+        dtype=getattr(torch, args.dtype),
+        attn_implementation=args.attn_implementation,
     ).eval()
     if args.adapter:  # a scenario adapter shipped under adapters/<name>/ of the model repo
         model.load_scenario_adapter(args.adapter)
@@ -60,8 +63,12 @@ def answer(model, processor, messages: list[dict], args: argparse.Namespace) -> 
     from transformers import TextIteratorStreamer
 
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, enable_thinking=args.thinking,
-        tokenize=True, return_dict=True, return_tensors="pt",
+        messages,
+        add_generation_prompt=True,
+        enable_thinking=args.thinking,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     ).to(model.device, dtype=model.dtype)  # casts only the floating-point pixel_values
     generate_kwargs = dict(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     prefix = "<think>" if args.thinking else ""
@@ -94,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     done = time.perf_counter()
     if not args.stream:
         print(text)
-    report = {"model": args.model, "images": args.image, "question": args.question, "adapter": args.adapter,
-              "thinking": args.thinking, "answer": text, "load_seconds": round(loaded - start, 3),
-              "answer_seconds": round(done - loaded, 3)}
+    report = {
+        "model": args.model,
+        "images": args.image,
+        "question": args.question,
+        "adapter": args.adapter,
+        "thinking": args.thinking,
+        "answer": text,
+        "load_seconds": round(loaded - start, 3),
+        "answer_seconds": round(done - loaded, 3),
+    }
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -24,17 +24,23 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import SCORERS, generate_batch, generation_config, to_prompt_and_target  # noqa: E402
-from finetune_lora import load_jsonl  # noqa: E402
+from evaluate import SCORERS, generate_batch, generation_config, to_prompt_and_target
+from finetune_lora import load_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "AndesVL-Tiny", help="AndesVL folder (default: %(default)s)")
-    parser.add_argument("--examples", type=Path, default=ROOT / "assets" / "andesvl-tiny" / "examples.jsonl",
-                        help="JSONL conversations with an 'adapter' field (default: %(default)s)")
+    parser.add_argument(
+        "--model", type=Path, default=ROOT / "AndesVL-Tiny", help="AndesVL folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=ROOT / "assets" / "andesvl-tiny" / "examples.jsonl",
+        help="JSONL conversations with an 'adapter' field (default: %(default)s)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation budget per answer")
     parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (tiny model: 1 is fastest)")
     parser.add_argument("--output", type=Path, help="also write every question, truth and answer as JSON here")
@@ -47,11 +53,14 @@ def load_examples(path: Path) -> list[dict[str, Any]]:
     for field in ("task", "adapter"):
         missing = [number for number, line in enumerate(raw, start=1) if field not in line]
         if missing:
-            raise ValueError(f"{path}: {len(missing)} of {len(raw)} lines have no {field!r} field "
-                             f"(lines {missing[:5]})")
+            raise ValueError(
+                f"{path}: {len(missing)} of {len(raw)} lines have no {field!r} field (lines {missing[:5]})"
+            )
     examples = load_jsonl(path)  # validates the messages and makes image paths absolute
-    return [{**to_prompt_and_target(example), "adapter": line["adapter"], "task": line["task"]}
-            for example, line in zip(examples, raw)]
+    return [
+        {**to_prompt_and_target(example), "adapter": line["adapter"], "task": line["task"]}
+        for example, line in zip(examples, raw)
+    ]
 
 
 def switch_adapter(model, name: str | None, loaded: set[str]) -> str:
@@ -97,8 +106,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = AutoModelForImageTextToText.from_pretrained(str(args.model), trust_remote_code=True, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(str(args.model), trust_remote_code=True)
     model.eval()
-    print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in "
-          f"{time.perf_counter() - started:.1f} s; adapters: {model.available_adapters()}")
+    print(
+        f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in "
+        f"{time.perf_counter() - started:.1f} s; adapters: {model.available_adapters()}"
+    )
     config, loaded, active, results = generation_config(model, args.max_new_tokens), set(), "unset", []
     for example in examples:
         if example["adapter"] != active:
@@ -106,13 +117,25 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             active = example["adapter"]
         answer = generate_batch(model, processor, [example], config)[0]
         correct = SCORERS[example["task"]]([answer], [example["target"]])["correct"][0]
-        results.append({"task": example["task"], "adapter": example["adapter"], "images": example["images"],
-                        "question": example["question"], "truth": example["target"], "answer": answer,
-                        "correct": correct})
-        print(f"[{example['task']:5s}|{example['adapter'] or 'base':4s}] {'ok ' if correct else 'MISS'} "
-              f"Q: {example['question']!r}\n{'':16s}truth: {example['target']!r}\n{'':16s}model: {answer!r}")
-    print(f"{sum(r['correct'] for r in results)} of {len(results)} answers correct "
-          f"({time.perf_counter() - started:.1f} s in all)")
+        results.append(
+            {
+                "task": example["task"],
+                "adapter": example["adapter"],
+                "images": example["images"],
+                "question": example["question"],
+                "truth": example["target"],
+                "answer": answer,
+                "correct": correct,
+            }
+        )
+        print(
+            f"[{example['task']:5s}|{example['adapter'] or 'base':4s}] {'ok ' if correct else 'MISS'} "
+            f"Q: {example['question']!r}\n{'':16s}truth: {example['target']!r}\n{'':16s}model: {answer!r}"
+        )
+    print(
+        f"{sum(r['correct'] for r in results)} of {len(results)} answers correct "
+        f"({time.perf_counter() - started:.1f} s in all)"
+    )
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

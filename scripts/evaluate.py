@@ -44,14 +44,15 @@ import re
 import string
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_lora import image_paths, load_jsonl, load_processor  # noqa: E402  (sibling script: the JSONL loader)
-from make_datasets import TASKS, task_list  # noqa: E402  (sibling script: the task names)
+from finetune_lora import image_paths, load_jsonl, load_processor
+from make_datasets import TASKS, task_list
 
 SPLITS = ("test", "val")
 KEPT_EXAMPLES = 5  # predictions kept per row and task in the report
@@ -86,7 +87,7 @@ def box_intersection(a: Sequence[float], b: Sequence[float]) -> float:
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes; 0 for empty or inverted boxes."""
     intersection = box_intersection(a, b)
-    area = lambda box: max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])  # noqa: E731
+    area = lambda box: max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
     union = area(a) + area(b) - intersection
     return intersection / union if union > 0 else 0.0
 
@@ -119,8 +120,13 @@ def score_ocr(predictions: list[str], targets: list[str]) -> dict[str, Any]:
     loose = [p.lower() == t.lower() for p, t in zip(predictions, targets)]
     errors = sum(edit_distance(p, t) for p, t in zip(predictions, targets))
     characters = sum(len(t) for t in targets)
-    return {"accuracy": accuracy(flags), "accuracy_case_insensitive": accuracy(loose),
-            "char_error_rate": errors / characters if characters else 0.0, "n": len(flags), "correct": flags}
+    return {
+        "accuracy": accuracy(flags),
+        "accuracy_case_insensitive": accuracy(loose),
+        "char_error_rate": errors / characters if characters else 0.0,
+        "n": len(flags),
+        "correct": flags,
+    }
 
 
 def score_gui(predictions: list[str], targets: list[str]) -> dict[str, Any]:
@@ -132,8 +138,14 @@ def score_gui(predictions: list[str], targets: list[str]) -> dict[str, Any]:
         unparseable += predicted is None
         ious.append(box_iou(predicted, truth) if predicted is not None else 0.0)
     flags = [iou >= IOU_THRESHOLD for iou in ious]
-    return {"accuracy": accuracy(flags), "n": len(flags), "unparseable": unparseable,
-            "mean_iou": sum(ious) / len(ious) if ious else 0.0, "correct": flags, "iou": ious}
+    return {
+        "accuracy": accuracy(flags),
+        "n": len(flags),
+        "unparseable": unparseable,
+        "mean_iou": sum(ious) / len(ious) if ious else 0.0,
+        "correct": flags,
+        "iou": ious,
+    }
 
 
 def yes_no(text: str) -> str | None:
@@ -145,12 +157,14 @@ def yes_no(text: str) -> str | None:
 def score_multi(predictions: list[str], targets: list[str]) -> dict[str, Any]:
     answers = [yes_no(p) for p in predictions]
     flags = [answer is not None and answer == normalize_answer(t) for answer, t in zip(answers, targets)]
-    return {"accuracy": accuracy(flags), "n": len(flags), "invalid": sum(a is None for a in answers),
-            "correct": flags}
+    return {"accuracy": accuracy(flags), "n": len(flags), "invalid": sum(a is None for a in answers), "correct": flags}
 
 
 SCORERS: dict[str, Callable[[list[str], list[str]], dict[str, Any]]] = {
-    "vqa": score_vqa, "ocr": score_ocr, "gui": score_gui, "multi": score_multi,
+    "vqa": score_vqa,
+    "ocr": score_ocr,
+    "gui": score_gui,
+    "multi": score_multi,
 }
 
 
@@ -170,9 +184,14 @@ def to_prompt_and_target(example: dict[str, Any], group_field: str | None = None
     last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
     prompt = messages[:last]
     images = image_paths(prompt)
-    return {"messages": prompt, "target": text_of(messages[last]), "images": images, "source": example["source"],
-            "question": text_of(prompt[-1]) if prompt else "",
-            "group": example.get("meta", {}).get(group_field) if group_field else None}
+    return {
+        "messages": prompt,
+        "target": text_of(messages[last]),
+        "images": images,
+        "source": example["source"],
+        "question": text_of(prompt[-1]) if prompt else "",
+        "group": example.get("meta", {}).get(group_field) if group_field else None,
+    }
 
 
 def load_task(data: Path, task: str, split: str, limit: int | None) -> list[dict[str, Any]]:
@@ -197,18 +216,26 @@ def generation_config(model, max_new_tokens: int):
     from transformers import GenerationConfig
 
     shipped = model.generation_config
-    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
-                            top_k=50,
-                            eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id,
-                            bos_token_id=shipped.bos_token_id)
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=50,
+        eos_token_id=shipped.eos_token_id,
+        pad_token_id=shipped.pad_token_id,
+        bos_token_id=shipped.bos_token_id,
+    )
 
 
 @torch.no_grad()
 def generate_batch(model, processor, batch: list[dict[str, Any]], config) -> list[str]:
     prompts = [processor.apply_chat_template(item["messages"], add_generation_prompt=True) for item in batch]
     images = [item["images"] for item in batch]
-    inputs = processor(text=prompts, images=images if any(images) else None, padding=True, padding_side="left",
-                       return_tensors="pt")
+    inputs = processor(
+        text=prompts, images=images if any(images) else None, padding=True, padding_side="left", return_tensors="pt"
+    )
     inputs = inputs.to(model.device, dtype=model.dtype)  # casts only the floating-point pixel_values
     output_ids = model.generate(**inputs, generation_config=config, **MODEL_DEFAULTS_OFF)
     output_ids = output_ids[:, inputs["input_ids"].shape[1] :]
@@ -238,8 +265,10 @@ def scores_by_group(task: str, predictions: list[str], examples: list[dict[str, 
         if example.get("group") is not None:
             members.setdefault(example["group"], []).append(index)
     score = SCORERS[task]
-    return {group: summary(score([predictions[i] for i in indices], [examples[i]["target"] for i in indices]))
-            for group, indices in sorted(members.items())}
+    return {
+        group: summary(score([predictions[i] for i in indices], [examples[i]["target"] for i in indices]))
+        for group, indices in sorted(members.items())
+    }
 
 
 def evaluate_task(model, processor, task: str, examples: list[dict], args: argparse.Namespace) -> dict[str, Any]:
@@ -254,8 +283,13 @@ def evaluate_task(model, processor, task: str, examples: list[dict], args: argpa
     if by_group:
         scores["by_group"] = by_group
     scores["examples"] = [
-        {"source": example["source"], "question": example["question"], "target": example["target"],
-         "prediction": prediction, "correct": flag}
+        {
+            "source": example["source"],
+            "question": example["question"],
+            "target": example["target"],
+            "prediction": prediction,
+            "correct": flag,
+        }
         for example, prediction, flag in list(zip(examples, predictions, flags))[:KEPT_EXAMPLES]
     ]
     scores["per_example"] = "".join("1" if flag else "0" for flag in flags)
@@ -267,8 +301,10 @@ def evaluate_row(name: str, model, processor, data: dict[str, list], args, timin
     row = {}
     for task, examples in data.items():
         row[task] = evaluate_task(model, processor, task, examples, args)
-        print(f"[{name}] {task}: accuracy {row[task]['accuracy']:.4f} (n={row[task]['n']}, "
-              f"{row[task]['seconds']:.1f} s)", flush=True)
+        print(
+            f"[{name}] {task}: accuracy {row[task]['accuracy']:.4f} (n={row[task]['n']}, {row[task]['seconds']:.1f} s)",
+            flush=True,
+        )
     timing["rows"][name] = round(sum(scores["seconds"] for scores in row.values()), 3)
     return row
 
@@ -366,36 +402,48 @@ def mcnemar_p_value(a_only: int, b_only: int) -> float:
 def paired_comparison(per_example_a: str, per_example_b: str) -> dict[str, Any]:
     """Counts of examples that only A, only B, both or neither get right, and McNemar's p-value."""
     if len(per_example_a) != len(per_example_b):
-        raise ValueError(f"cannot pair rows scored on different examples: {len(per_example_a)} vs "
-                         f"{len(per_example_b)} examples")
+        raise ValueError(
+            f"cannot pair rows scored on different examples: {len(per_example_a)} vs {len(per_example_b)} examples"
+        )
     pairs = list(zip(per_example_a, per_example_b))
     a_only, b_only = pairs.count(("1", "0")), pairs.count(("0", "1"))
     n = len(pairs)
-    return {"n": n, "accuracy_a": per_example_a.count("1") / n if n else 0.0,
-            "accuracy_b": per_example_b.count("1") / n if n else 0.0, "a_only": a_only, "b_only": b_only,
-            "both": pairs.count(("1", "1")), "neither": pairs.count(("0", "0")),
-            "p_value": mcnemar_p_value(a_only, b_only)}
+    return {
+        "n": n,
+        "accuracy_a": per_example_a.count("1") / n if n else 0.0,
+        "accuracy_b": per_example_b.count("1") / n if n else 0.0,
+        "a_only": a_only,
+        "b_only": b_only,
+        "both": pairs.count(("1", "1")),
+        "neither": pairs.count(("0", "0")),
+        "p_value": mcnemar_p_value(a_only, b_only),
+    }
 
 
 def check_compared_rows(pairs: list[list[str]], names: list[str]) -> None:
     missing = sorted({name for pair in pairs for name in pair} - set(names))
     if missing:
-        raise ValueError(f"--compare names {len(missing)} row(s) this evaluation does not produce: {missing}; "
-                         f"its rows: {names}")
+        raise ValueError(
+            f"--compare names {len(missing)} row(s) this evaluation does not produce: {missing}; its rows: {names}"
+        )
 
 
 def compare_rows(rows: dict[str, dict[str, Any]], pairs: list[list[str]], tasks: list[str]) -> list[dict[str, Any]]:
     """`paired_comparison` of each (A, B) pair of row names on every task."""
     check_compared_rows(pairs, list(rows))
-    return [{"task": task, "a": a, "b": b,
-             **paired_comparison(rows[a][task]["per_example"], rows[b][task]["per_example"])}
-            for a, b in pairs for task in tasks]
+    return [
+        {"task": task, "a": a, "b": b, **paired_comparison(rows[a][task]["per_example"], rows[b][task]["per_example"])}
+        for a, b in pairs
+        for task in tasks
+    ]
 
 
 def comparison_line(comparison: dict[str, Any]) -> str:
-    return (f"[{comparison['task']}] {comparison['a']} {100 * comparison['accuracy_a']:.1f}% vs {comparison['b']} "
-            f"{100 * comparison['accuracy_b']:.1f}% (n={comparison['n']}): only A {comparison['a_only']}, only B "
-            f"{comparison['b_only']}, McNemar p={comparison['p_value']:.3g}")
+    return (
+        f"[{comparison['task']}] {comparison['a']} {100 * comparison['accuracy_a']:.1f}% vs {comparison['b']} "
+        f"{100 * comparison['accuracy_b']:.1f}% (n={comparison['n']}): only A {comparison['a_only']}, only B "
+        f"{comparison['b_only']}, McNemar p={comparison['p_value']:.3g}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -423,9 +471,12 @@ def task_report_paths(output: Path, tasks: list[str]) -> dict[str, Path]:
 def task_report(report: dict[str, Any], task: str) -> dict[str, Any]:
     """The report restricted to one task: every row's scores for it."""
     keep = ("model", "quantized_model", "split", "limit", "device", "args")
-    return {**{key: report[key] for key in keep}, "task": task,
-            "rows": {name: row[task] for name, row in report["rows"].items()},
-            "comparisons": [comparison for comparison in report["comparisons"] if comparison["task"] == task]}
+    return {
+        **{key: report[key] for key in keep},
+        "task": task,
+        "rows": {name: row[task] for name, row in report["rows"].items()},
+        "comparisons": [comparison for comparison in report["comparisons"] if comparison["task"] == task],
+    }
 
 
 def limit_spec(text: str) -> dict[str, int] | int:
@@ -457,15 +508,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="float AndesVL repo folder")
     parser.add_argument("--data", type=Path, required=True, help="make_datasets.py output folder")
-    parser.add_argument("--tasks", type=task_list, default=list(TASKS), help="comma-separated subset of vqa,ocr,gui,multi")
+    parser.add_argument(
+        "--tasks", type=task_list, default=list(TASKS), help="comma-separated subset of vqa,ocr,gui,multi"
+    )
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--limit", type=limit_spec, help="first N examples per task: N or task=N,... (default: all)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME",
-                        help="scenario adapter under <model>/adapters/ (repeatable)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="scenario adapter under <model>/adapters/ (repeatable)",
+    )
     parser.add_argument("--quantized-model", type=Path, help="int4 base folder from scripts/quantize.py")
-    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
-                        help="paired comparison of two rows on every task (repeatable), e.g. "
-                             "'int4 base + adapter:ocr-qalft-int4' 'int4 base + adapter:ocr'")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("ROW_A", "ROW_B"),
+        help="paired comparison of two rows on every task (repeatable), e.g. "
+        "'int4 base + adapter:ocr-qalft-int4' 'int4 base + adapter:ocr'",
+    )
     parser.add_argument("--output", type=Path, default=Path("outputs/eval/report.json"), help="JSON report path")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -492,9 +556,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.update(quantized_rows(args, processor, data, timing))
     comparisons = compare_rows(rows, args.compare, args.tasks)
     timing["total_s"] = round(time.perf_counter() - started, 3)
-    report = {"model": str(args.model), "quantized_model": str(args.quantized_model) if args.quantized_model else None,
-              "split": args.split, "limit": args.limit, "tasks": args.tasks, "rows": rows, "timing": timing,
-              "comparisons": comparisons, "device": str(resolve_device(args.device)), "args": resolved_args(args)}
+    report = {
+        "model": str(args.model),
+        "quantized_model": str(args.quantized_model) if args.quantized_model else None,
+        "split": args.split,
+        "limit": args.limit,
+        "tasks": args.tasks,
+        "rows": rows,
+        "timing": timing,
+        "comparisons": comparisons,
+        "device": str(resolve_device(args.device)),
+        "args": resolved_args(args),
+    }
     table = markdown_table(rows, args.tasks)
     report["table"] = table
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -51,9 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from folders import overlap_error  # sibling script: refuse outputs that would overwrite the model
 from quantize import quantization_module  # sibling script: the deployed quantizer's module
-from torch import nn
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -527,8 +528,9 @@ def finalize_adapter_folder(output_dir: Path, base_model_id: str, save_dtype: st
     tensors = load_file(str(weights_path))
     keys = sorted(tensors)
     expected = ("lora_", ".token_adapter.trainable_tokens_delta")  # LoRA factors, --train-answer-tokens rows
-    stray = [key for key in keys
-             if not any(part in key for part in expected) and not key.startswith("base_model.model.mlp.")]
+    stray = [
+        key for key in keys if not any(part in key for part in expected) and not key.startswith("base_model.model.mlp.")
+    ]
     if stray or any("parametrizations" in key for key in keys):
         raise RuntimeError(f"The saved adapter has {len(stray)} unexpected keys, e.g. {stray[:3]}.")
     dtype = getattr(torch, save_dtype)
@@ -550,8 +552,10 @@ def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
     """Training loss and eval metric points `{"step", ...}` from the Trainer's log history (resumed runs included)."""
     train = [{"step": entry["step"], "loss": entry["loss"]} for entry in log_history if "loss" in entry]
     evaluation = [
-        {"step": entry["step"], **{key: value for key, value in entry.items() if key.startswith("eval_")
-                                   and key not in EVAL_TIMINGS}}
+        {
+            "step": entry["step"],
+            **{key: value for key, value in entry.items() if key.startswith("eval_") and key not in EVAL_TIMINGS},
+        }
         for entry in log_history
         if "eval_loss" in entry
     ]
@@ -636,10 +640,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--name", required=True, help="scenario name; the adapter folder is adapters/<name>")
     model.add_argument("--base-model-id", default="org/AndesVL-4B", help="written as base_model_name_or_path")
     model.add_argument("--output-dir", type=Path, help="adapter folder (default: <--model>/adapters/<--name>)")
-    model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="base weights dtype (auto: the checkpoint's, as scripts/quantize.py loads it)")
-    model.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="dtype of the saved adapter tensors (training stays in --dtype; bfloat16 halves the files)")
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="base weights dtype (auto: the checkpoint's, as scripts/quantize.py loads it)",
+    )
+    model.add_argument(
+        "--save-dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the saved adapter tensors (training stays in --dtype; bfloat16 halves the files)",
+    )
     model.add_argument("--attn-implementation", help="e.g. sdpa, eager, flash_attention_2 (default: transformers')")
 
     data = parser.add_argument_group("data")
@@ -652,20 +664,31 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r")
     lora.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    lora.add_argument("--target-modules", help="regex fullmatched against module names (default: the model's "
-                      "default_lora_target_modules, the language model's attention and MLP projections)")
+    lora.add_argument(
+        "--target-modules",
+        help="regex fullmatched against module names (default: the model's "
+        "default_lora_target_modules, the language model's attention and MLP projections)",
+    )
     lora.add_argument("--train-projector", action="store_true", help="also train the projector (mlp.0, mlp.2) fully")
-    lora.add_argument("--train-answer-tokens", action="store_true", help="also train the embedding rows of the tokens "
-                      "that the training answers use (peft trainable_token_indices)")
+    lora.add_argument(
+        "--train-answer-tokens",
+        action="store_true",
+        help="also train the embedding rows of the tokens that the training answers use (peft trainable_token_indices)",
+    )
 
     qalft = parser.add_argument_group("quantization-aware LoRA fine-tuning (QALFT)")
     qalft.add_argument("--qalft", choices=tuple(QALFT_BITS), help="train against this fake-quantized base")
-    qalft.add_argument("--qalft-group-size", type=int, help="inputs per scale (default: the quantizer's, as quantize.py"
-                       " uses)")
-    qalft.add_argument("--qalft-scale-dtype", choices=("float16", "bfloat16", "float32"),
-                       help="scale dtype (default: the quantizer's, as quantize.py uses)")
-    qalft.add_argument("--qalft-modules", help="regex of the quantized linears (default: the quantizer's, as "
-                       "quantize.py uses)")
+    qalft.add_argument(
+        "--qalft-group-size", type=int, help="inputs per scale (default: the quantizer's, as quantize.py uses)"
+    )
+    qalft.add_argument(
+        "--qalft-scale-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="scale dtype (default: the quantizer's, as quantize.py uses)",
+    )
+    qalft.add_argument(
+        "--qalft-modules", help="regex of the quantized linears (default: the quantizer's, as quantize.py uses)"
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate")
@@ -704,8 +727,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--model {args.model} is not a local folder: give --output-dir")
         args.output_dir = Path(args.model) / "adapters" / args.name
     if Path(args.model).is_dir() and (problem := overlap_error(args.output_dir, Path(args.model), allow_inside=True)):
-        parser.error(f"--output-dir would write over --model ({problem}); adapters go to a folder of their own, "
-                     f"by default <model>/adapters/<name>")
+        parser.error(
+            f"--output-dir would write over --model ({problem}); adapters go to a folder of their own, "
+            f"by default <model>/adapters/<name>"
+        )
     args.work_dir = args.work_dir or Path("outputs") / f"finetune-{args.name}"
     args.trainable_tokens = None  # main() fills in the answer token ids with --train-answer-tokens
     return args

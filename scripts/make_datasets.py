@@ -45,11 +45,12 @@ import math
 import shutil
 import sys
 import time
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache, lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from random import Random
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
@@ -67,29 +68,476 @@ SHAPE_SIZE = (64, 64)
 STATUS_H, TITLE_H, NAV_H = 14, 30, 34
 
 WORDS = tuple(
-    """able about above act add after again age ago air all also and animal answer any apple area arm art ask away
-    baby back bad ball bank base bear beat bed before begin bell best better big bird black blue boat body bone book
-    both box boy bread break bring brown build busy buy cake call calm camp can car card care carry case cat catch
-    cause cell chair chance change cheap child city class clean clear clock close cloud coast coat cold color come
-    cook cool copy corn cost count cover cow crowd cry cup cut dance dark day deal deep desk dinner dog door down draw
-    dream dress drink drive dry duck early earth east easy eat egg eight end enjoy enter even event every eye face
-    fact fair fall family farm fast father fear feel field fight fill find fine fire fish five flat floor flower fly
-    follow food foot force forest form four free fresh friend front fruit full fun game garden gate gift girl give
-    glass gold good grass great green ground group grow guess hair half hand happy hard hat head hear heart heat heavy
-    help high hill hold home hope horse hot hour house human idea inch iron island jacket job join joke juice jump
-    just keep key kind king kitchen know lake land large last late laugh law lead leaf learn leave left leg letter
-    level life light line lion list little live long look love low lucky lunch machine main make man many map mark
-    market master meat meet milk mind minute money month moon morning mother mouse mouth move music name near neck
-    never new news next nice night nine noise north nose note number ocean office old open orange order other paint
-    paper park party pass people pencil person piano picture piece place plane plant play please pocket point police
-    power press price print prize pull push queen quick quiet race rain read ready real red rest rice rich ride right
-    ring river road rock roof room round rule run safe salt sand save school sea seat second seed sell send seven
-    shape sheep shirt shoe shop short show side sign silver simple sing sister sit six size skin sky sleep slow small
-    smile snow soft soil song sound soup south space speak spring square stand star start station stay step stone
-    stop story street strong sugar summer sun table tail talk tall tea teach team ten test thank thing three time
-    today tomato tool tooth top touch tower town toy train tree trip truck true turn two under uncle use valley
-    very visit voice wait walk wall warm wash watch water wave way weather week well west wet wheel white wide wind
-    window winter wish wood word work world write yard year yellow young zebra zero""".split()
+    [
+        "able",
+        "about",
+        "above",
+        "act",
+        "add",
+        "after",
+        "again",
+        "age",
+        "ago",
+        "air",
+        "all",
+        "also",
+        "and",
+        "animal",
+        "answer",
+        "any",
+        "apple",
+        "area",
+        "arm",
+        "art",
+        "ask",
+        "away",
+        "baby",
+        "back",
+        "bad",
+        "ball",
+        "bank",
+        "base",
+        "bear",
+        "beat",
+        "bed",
+        "before",
+        "begin",
+        "bell",
+        "best",
+        "better",
+        "big",
+        "bird",
+        "black",
+        "blue",
+        "boat",
+        "body",
+        "bone",
+        "book",
+        "both",
+        "box",
+        "boy",
+        "bread",
+        "break",
+        "bring",
+        "brown",
+        "build",
+        "busy",
+        "buy",
+        "cake",
+        "call",
+        "calm",
+        "camp",
+        "can",
+        "car",
+        "card",
+        "care",
+        "carry",
+        "case",
+        "cat",
+        "catch",
+        "cause",
+        "cell",
+        "chair",
+        "chance",
+        "change",
+        "cheap",
+        "child",
+        "city",
+        "class",
+        "clean",
+        "clear",
+        "clock",
+        "close",
+        "cloud",
+        "coast",
+        "coat",
+        "cold",
+        "color",
+        "come",
+        "cook",
+        "cool",
+        "copy",
+        "corn",
+        "cost",
+        "count",
+        "cover",
+        "cow",
+        "crowd",
+        "cry",
+        "cup",
+        "cut",
+        "dance",
+        "dark",
+        "day",
+        "deal",
+        "deep",
+        "desk",
+        "dinner",
+        "dog",
+        "door",
+        "down",
+        "draw",
+        "dream",
+        "dress",
+        "drink",
+        "drive",
+        "dry",
+        "duck",
+        "early",
+        "earth",
+        "east",
+        "easy",
+        "eat",
+        "egg",
+        "eight",
+        "end",
+        "enjoy",
+        "enter",
+        "even",
+        "event",
+        "every",
+        "eye",
+        "face",
+        "fact",
+        "fair",
+        "fall",
+        "family",
+        "farm",
+        "fast",
+        "father",
+        "fear",
+        "feel",
+        "field",
+        "fight",
+        "fill",
+        "find",
+        "fine",
+        "fire",
+        "fish",
+        "five",
+        "flat",
+        "floor",
+        "flower",
+        "fly",
+        "follow",
+        "food",
+        "foot",
+        "force",
+        "forest",
+        "form",
+        "four",
+        "free",
+        "fresh",
+        "friend",
+        "front",
+        "fruit",
+        "full",
+        "fun",
+        "game",
+        "garden",
+        "gate",
+        "gift",
+        "girl",
+        "give",
+        "glass",
+        "gold",
+        "good",
+        "grass",
+        "great",
+        "green",
+        "ground",
+        "group",
+        "grow",
+        "guess",
+        "hair",
+        "half",
+        "hand",
+        "happy",
+        "hard",
+        "hat",
+        "head",
+        "hear",
+        "heart",
+        "heat",
+        "heavy",
+        "help",
+        "high",
+        "hill",
+        "hold",
+        "home",
+        "hope",
+        "horse",
+        "hot",
+        "hour",
+        "house",
+        "human",
+        "idea",
+        "inch",
+        "iron",
+        "island",
+        "jacket",
+        "job",
+        "join",
+        "joke",
+        "juice",
+        "jump",
+        "just",
+        "keep",
+        "key",
+        "kind",
+        "king",
+        "kitchen",
+        "know",
+        "lake",
+        "land",
+        "large",
+        "last",
+        "late",
+        "laugh",
+        "law",
+        "lead",
+        "leaf",
+        "learn",
+        "leave",
+        "left",
+        "leg",
+        "letter",
+        "level",
+        "life",
+        "light",
+        "line",
+        "lion",
+        "list",
+        "little",
+        "live",
+        "long",
+        "look",
+        "love",
+        "low",
+        "lucky",
+        "lunch",
+        "machine",
+        "main",
+        "make",
+        "man",
+        "many",
+        "map",
+        "mark",
+        "market",
+        "master",
+        "meat",
+        "meet",
+        "milk",
+        "mind",
+        "minute",
+        "money",
+        "month",
+        "moon",
+        "morning",
+        "mother",
+        "mouse",
+        "mouth",
+        "move",
+        "music",
+        "name",
+        "near",
+        "neck",
+        "never",
+        "new",
+        "news",
+        "next",
+        "nice",
+        "night",
+        "nine",
+        "noise",
+        "north",
+        "nose",
+        "note",
+        "number",
+        "ocean",
+        "office",
+        "old",
+        "open",
+        "orange",
+        "order",
+        "other",
+        "paint",
+        "paper",
+        "park",
+        "party",
+        "pass",
+        "people",
+        "pencil",
+        "person",
+        "piano",
+        "picture",
+        "piece",
+        "place",
+        "plane",
+        "plant",
+        "play",
+        "please",
+        "pocket",
+        "point",
+        "police",
+        "power",
+        "press",
+        "price",
+        "print",
+        "prize",
+        "pull",
+        "push",
+        "queen",
+        "quick",
+        "quiet",
+        "race",
+        "rain",
+        "read",
+        "ready",
+        "real",
+        "red",
+        "rest",
+        "rice",
+        "rich",
+        "ride",
+        "right",
+        "ring",
+        "river",
+        "road",
+        "rock",
+        "roof",
+        "room",
+        "round",
+        "rule",
+        "run",
+        "safe",
+        "salt",
+        "sand",
+        "save",
+        "school",
+        "sea",
+        "seat",
+        "second",
+        "seed",
+        "sell",
+        "send",
+        "seven",
+        "shape",
+        "sheep",
+        "shirt",
+        "shoe",
+        "shop",
+        "short",
+        "show",
+        "side",
+        "sign",
+        "silver",
+        "simple",
+        "sing",
+        "sister",
+        "sit",
+        "six",
+        "size",
+        "skin",
+        "sky",
+        "sleep",
+        "slow",
+        "small",
+        "smile",
+        "snow",
+        "soft",
+        "soil",
+        "song",
+        "sound",
+        "soup",
+        "south",
+        "space",
+        "speak",
+        "spring",
+        "square",
+        "stand",
+        "star",
+        "start",
+        "station",
+        "stay",
+        "step",
+        "stone",
+        "stop",
+        "story",
+        "street",
+        "strong",
+        "sugar",
+        "summer",
+        "sun",
+        "table",
+        "tail",
+        "talk",
+        "tall",
+        "tea",
+        "teach",
+        "team",
+        "ten",
+        "test",
+        "thank",
+        "thing",
+        "three",
+        "time",
+        "today",
+        "tomato",
+        "tool",
+        "tooth",
+        "top",
+        "touch",
+        "tower",
+        "town",
+        "toy",
+        "train",
+        "tree",
+        "trip",
+        "truck",
+        "true",
+        "turn",
+        "two",
+        "under",
+        "uncle",
+        "use",
+        "valley",
+        "very",
+        "visit",
+        "voice",
+        "wait",
+        "walk",
+        "wall",
+        "warm",
+        "wash",
+        "watch",
+        "water",
+        "wave",
+        "way",
+        "weather",
+        "week",
+        "well",
+        "west",
+        "wet",
+        "wheel",
+        "white",
+        "wide",
+        "wind",
+        "window",
+        "winter",
+        "wish",
+        "wood",
+        "word",
+        "work",
+        "world",
+        "write",
+        "yard",
+        "year",
+        "yellow",
+        "young",
+        "zebra",
+        "zero",
+    ]
 )
 ROW_LABELS = tuple(
     """Wi-Fi|Bluetooth|Display|Sound|Battery|Storage|Privacy|Security|Location|Accounts|Language|Date & time|Updates|
@@ -99,20 +547,94 @@ ROW_LABELS = tuple(
     Profile|Payments|Orders|Addresses|Coupons|Help center|Feedback|About phone|Legal info|Developer|Printing|NFC|
     Cast screen|Night light|Eye comfort|Auto rotate|Gestures|Navigation|Power saving|Parental|Family|Guest mode|
     Emergency|Health|Steps|Sleep|Weather|Maps|Camera|Gallery|Messages|Email|Browser|Notes|Reminders|Clock|
-    Calculator|Files|Recorder|Compass|Radio|Podcasts|Library|Playlists|Artists|Albums|Settings""".replace("\n", "")
-    .split("|")
+    Calculator|Files|Recorder|Compass|Radio|Podcasts|Library|Playlists|Artists|Albums|Settings""".replace(
+        "\n", ""
+    ).split("|")
 )
 ROW_LABELS = tuple(label.strip() for label in ROW_LABELS)
 BUTTON_LABELS = (
-    "OK", "Cancel", "Save", "Delete", "Send", "Share", "Next", "Back", "Done", "Retry", "Sign in", "Sign up", "Log out",
-    "Submit", "Confirm", "Edit", "Add", "Remove", "Search", "Apply", "Reset", "Close", "Open", "Allow", "Deny", "Skip",
-    "Start", "Stop", "Pay", "Buy", "Follow", "Reply", "Accept", "Decline", "Upload", "Install", "Update", "Join",
-    "Invite", "Copy", "Paste", "Undo", "Redo", "Print", "Scan", "Call", "Block", "Report", "Like", "More",
+    "OK",
+    "Cancel",
+    "Save",
+    "Delete",
+    "Send",
+    "Share",
+    "Next",
+    "Back",
+    "Done",
+    "Retry",
+    "Sign in",
+    "Sign up",
+    "Log out",
+    "Submit",
+    "Confirm",
+    "Edit",
+    "Add",
+    "Remove",
+    "Search",
+    "Apply",
+    "Reset",
+    "Close",
+    "Open",
+    "Allow",
+    "Deny",
+    "Skip",
+    "Start",
+    "Stop",
+    "Pay",
+    "Buy",
+    "Follow",
+    "Reply",
+    "Accept",
+    "Decline",
+    "Upload",
+    "Install",
+    "Update",
+    "Join",
+    "Invite",
+    "Copy",
+    "Paste",
+    "Undo",
+    "Redo",
+    "Print",
+    "Scan",
+    "Call",
+    "Block",
+    "Report",
+    "Like",
+    "More",
 )
 APP_TITLES = (
-    "Settings", "My Account", "Store", "Inbox", "Wallet", "Gallery", "Music Player", "Notes", "Fitness", "Travel",
-    "News", "Weather Now", "Bank", "Shop", "Chat", "Videos", "Recipes", "Tasks", "Contacts", "Calendar", "Photos",
-    "Podcasts", "Maps", "Radio", "Books", "Games", "Home", "Profile", "Security", "Files",
+    "Settings",
+    "My Account",
+    "Store",
+    "Inbox",
+    "Wallet",
+    "Gallery",
+    "Music Player",
+    "Notes",
+    "Fitness",
+    "Travel",
+    "News",
+    "Weather Now",
+    "Bank",
+    "Shop",
+    "Chat",
+    "Videos",
+    "Recipes",
+    "Tasks",
+    "Contacts",
+    "Calendar",
+    "Photos",
+    "Podcasts",
+    "Maps",
+    "Radio",
+    "Books",
+    "Games",
+    "Home",
+    "Profile",
+    "Security",
+    "Files",
 )
 APP_TITLES = tuple(title for title in APP_TITLES if title not in ROW_LABELS + BUTTON_LABELS)
 GUI_TEMPLATES = {
@@ -136,8 +658,14 @@ OCR_PROMPTS = (
     "Transcribe the text in this image.",
 )
 SHAPE_COLORS = {
-    "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 235), "yellow": (235, 200, 20),
-    "teal": (20, 150, 150), "brown": (135, 85, 40), "gray": (128, 128, 128), "black": (20, 20, 20),
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 235),
+    "yellow": (235, 200, 20),
+    "teal": (20, 150, 150),
+    "brown": (135, 85, 40),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
 }
 SHAPES = ("circle", "rectangle", "triangle")
 MULTI_TEMPLATES = {
@@ -184,7 +712,7 @@ def draw_in_split(seed: int, task: str, split: str, index: int, draw: Callable[[
     raise AssertionError("unreachable")
 
 
-@lru_cache(maxsize=None)
+@cache
 def font(size: int) -> ImageFont.FreeTypeFont:
     """The DroidSansMono TTF that the `captcha` package ships, at `size` px."""
     import captcha
@@ -211,8 +739,12 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
     path.write_bytes(data)
     images = (path.parent / "images" / path.stem).glob("*.png")
-    return {"examples": len(records), "images": sum(1 for _ in images), "jsonl": f"{path.parent.name}/{path.name}",
-            "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "examples": len(records),
+        "images": sum(1 for _ in images),
+        "jsonl": f"{path.parent.name}/{path.name}",
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def write_synthetic(task_dir: Path, task: str, seed: int, sizes: dict[str, int], make_example) -> dict[str, Any]:
@@ -319,8 +851,10 @@ def char_centers(text: str, face: ImageFont.FreeTypeFont, x: float, y: float) ->
 def rotated(point: tuple[float, float], degrees: float, center: tuple[float, float]) -> tuple[float, float]:
     """Where PIL's `Image.rotate(degrees, center=center)` (counter-clockwise on screen) moves `point`."""
     (dx, dy), angle = (point[0] - center[0], point[1] - center[1]), math.radians(degrees)
-    return (center[0] + dx * math.cos(angle) + dy * math.sin(angle),
-            center[1] - dx * math.sin(angle) + dy * math.cos(angle))
+    return (
+        center[0] + dx * math.cos(angle) + dy * math.sin(angle),
+        center[1] - dx * math.sin(angle) + dy * math.cos(angle),
+    )
 
 
 def ocr_text_mask(text: str, rng: Random) -> tuple[Image.Image, list[list[float]]]:
@@ -337,8 +871,9 @@ def ocr_text_mask(text: str, rng: Random) -> tuple[Image.Image, list[list[float]
     degrees, center = rng.uniform(-5, 5), (width / 2, height / 2)
     mask = mask.rotate(degrees, resample=Image.Resampling.BICUBIC, center=center)
     shear = rng.uniform(-0.2, 0.2)  # the affine below reads input x = x + shear * (y - height / 2)
-    mask = mask.transform(OCR_SIZE, Image.Transform.AFFINE, (1, shear, -shear * height / 2, 0, 1, 0),
-                          resample=Image.Resampling.BICUBIC)
+    mask = mask.transform(
+        OCR_SIZE, Image.Transform.AFFINE, (1, shear, -shear * height / 2, 0, 1, 0), resample=Image.Resampling.BICUBIC
+    )
     centers = [rotated(point, degrees, center) for point in char_centers(text, font(size), x, y)]
     return mask, [[round(cx - shear * (cy - height / 2), 1), round(cy, 1)] for cx, cy in centers]
 
@@ -373,8 +908,14 @@ def make_ocr_example(seed: int, split: str, index: int, task_dir: Path) -> dict[
     (key, text), rng = draw_in_split(seed, "ocr", split, index, ocr_draw)
     image, centers = render_ocr(text, rng)
     relative = save_png(image, task_dir, split, f"{index:06d}")
-    meta = {"task": "ocr", "text": text, "key": key, "kind": "number" if text.isdigit() else "word",
-            "char_centers": centers, "image_size": list(OCR_SIZE)}
+    meta = {
+        "task": "ocr",
+        "text": text,
+        "key": key,
+        "kind": "number" if text.isdigit() else "word",
+        "char_centers": centers,
+        "image_size": list(OCR_SIZE),
+    }
     return conversation([relative], rng.choice(OCR_PROMPTS), text, meta)
 
 
@@ -387,11 +928,25 @@ def gui_theme(rng: Random) -> dict[str, tuple[int, int, int]]:
     """Light or dark palette with one primary colour."""
     primary = rng.choice(PRIMARY_COLORS)
     if rng.random() < 0.3:
-        return {"background": (18, 18, 22), "surface": (38, 38, 44), "text": (235, 235, 240), "muted": (140, 140, 150),
-                "primary": primary, "status": (0, 0, 0), "on_primary": (255, 255, 255)}
+        return {
+            "background": (18, 18, 22),
+            "surface": (38, 38, 44),
+            "text": (235, 235, 240),
+            "muted": (140, 140, 150),
+            "primary": primary,
+            "status": (0, 0, 0),
+            "on_primary": (255, 255, 255),
+        }
     shade = rng.randint(236, 250)
-    return {"background": (shade, shade, min(255, shade + 4)), "surface": (255, 255, 255), "text": (25, 25, 30),
-            "muted": (120, 120, 130), "primary": primary, "status": primary, "on_primary": (255, 255, 255)}
+    return {
+        "background": (shade, shade, min(255, shade + 4)),
+        "surface": (255, 255, 255),
+        "text": (25, 25, 30),
+        "muted": (120, 120, 130),
+        "primary": primary,
+        "status": primary,
+        "on_primary": (255, 255, 255),
+    }
 
 
 def gui_rows(rng: Random, y: int, margin: int) -> tuple[list[dict[str, Any]], int]:
@@ -401,8 +956,15 @@ def gui_rows(rng: Random, y: int, margin: int) -> tuple[list[dict[str, Any]], in
     for label in rng.sample(ROW_LABELS, rng.randint(3, 5)):
         box = [margin, y, GUI_SIZE[0] - margin, y + row_h]
         icon = (rng.choice(ICON_SHAPES), rng.choice(ICON_COLORS))
-        rows.append({"kind": "row", "label": label, "box": box, "icon": icon,
-                     "accessory": rng.choice(("chevron", "toggle_on", "toggle_off", "dot", "none"))})
+        rows.append(
+            {
+                "kind": "row",
+                "label": label,
+                "box": box,
+                "icon": icon,
+                "accessory": rng.choice(("chevron", "toggle_on", "toggle_off", "dot", "none")),
+            }
+        )
         y += row_h
     return rows, y
 
@@ -414,13 +976,16 @@ def gui_buttons(rng: Random, y: int, margin: int) -> tuple[list[dict[str, Any]],
     if rng.random() < 0.5:
         labels = rng.sample(BUTTON_LABELS, rng.randint(2, 3))
         each = (width - 2 * margin - gap * (len(labels) - 1)) // len(labels)
-        boxes = [[margin + i * (each + gap), y, margin + i * (each + gap) + each, y + button_h]
-                 for i in range(len(labels))]
+        boxes = [
+            [margin + i * (each + gap), y, margin + i * (each + gap) + each, y + button_h] for i in range(len(labels))
+        ]
         y += button_h
     else:
         labels, inset = rng.sample(BUTTON_LABELS, rng.randint(1, 2)), margin + rng.randint(0, 20)
-        boxes = [[inset, y + i * (button_h + gap), width - inset, y + i * (button_h + gap) + button_h]
-                 for i in range(len(labels))]
+        boxes = [
+            [inset, y + i * (button_h + gap), width - inset, y + i * (button_h + gap) + button_h]
+            for i in range(len(labels))
+        ]
         y += len(labels) * (button_h + gap) - gap
     buttons = [{"kind": "button", "label": label, "box": box, "filled": filled} for label, box in zip(labels, boxes)]
     return buttons, y
@@ -436,10 +1001,13 @@ def gui_layout(rng: Random) -> tuple[str, dict[str, Any]]:
         elements += items
         y += rng.randint(10, 18)
     spec = {
-        "theme": gui_theme(rng), "title": rng.choice(APP_TITLES),
+        "theme": gui_theme(rng),
+        "title": rng.choice(APP_TITLES),
         "time": f"{rng.randint(0, 23)}:{rng.randint(0, 59):02d}",
-        "nav_icons": [rng.choice(ICON_SHAPES) for _ in range(rng.randint(3, 5))], "elements": elements,
-        "target": rng.randrange(len(elements)), "corner": rng.randint(0, 8),
+        "nav_icons": [rng.choice(ICON_SHAPES) for _ in range(rng.randint(3, 5))],
+        "elements": elements,
+        "target": rng.randrange(len(elements)),
+        "corner": rng.randint(0, 8),
     }
     return "|".join(sorted(element["label"] for element in elements)), spec
 
@@ -525,8 +1093,12 @@ def render_gui(spec: dict[str, Any]) -> tuple[Image.Image, list[list[int]]]:
     image = Image.new("RGB", GUI_SIZE, spec["theme"]["background"])
     draw = ImageDraw.Draw(image)
     draw_chrome(draw, spec)
-    text_boxes = [draw_row(draw, element, spec["theme"]) if element["kind"] == "row"
-                  else draw_button(draw, element, spec["theme"], spec["corner"]) for element in spec["elements"]]
+    text_boxes = [
+        draw_row(draw, element, spec["theme"])
+        if element["kind"] == "row"
+        else draw_button(draw, element, spec["theme"], spec["corner"])
+        for element in spec["elements"]
+    ]
     return image, text_boxes
 
 
@@ -538,10 +1110,18 @@ def make_gui_example(seed: int, split: str, index: int, task_dir: Path) -> dict[
     (width, height), (x1, y1, x2, y2) = GUI_SIZE, target["box"]
     box = [normalized(x1, width), normalized(y1, height), normalized(x2, width), normalized(y2, height)]
     answer = f"<|box_start|>({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>"
-    meta = {"task": "gui", "label": target["label"], "element": target["kind"], "box_px": target["box"],
-            "box_norm": box, "image_size": list(GUI_SIZE), "title": spec["title"],
-            "labels": [element["label"] for element in spec["elements"]],
-            "boxes_px": [element["box"] for element in spec["elements"]], "text_boxes_px": text_boxes}
+    meta = {
+        "task": "gui",
+        "label": target["label"],
+        "element": target["kind"],
+        "box_px": target["box"],
+        "box_norm": box,
+        "image_size": list(GUI_SIZE),
+        "title": spec["title"],
+        "labels": [element["label"] for element in spec["elements"]],
+        "boxes_px": [element["box"] for element in spec["elements"]],
+        "text_boxes_px": text_boxes,
+    }
     return conversation([relative], rng.choice(GUI_TEMPLATES[target["kind"]]).format(target["label"]), answer, meta)
 
 
@@ -554,10 +1134,15 @@ def shape_spec(rng: Random, shape: str, color: str) -> dict[str, Any]:
     """One easy-vqa-like image: a shape of a named colour, random size/position/aspect on a light background."""
     size = rng.randint(20, 44)
     width, height = SHAPE_SIZE
-    return {"shape": shape, "color": color, "size": size, "aspect": round(rng.uniform(0.6, 1.0), 2),
-            "cx": rng.randint(size // 2 + 2, width - size // 2 - 2),
-            "cy": rng.randint(size // 2 + 2, height - size // 2 - 2),
-            "background": [rng.randint(215, 255) for _ in range(3)]}
+    return {
+        "shape": shape,
+        "color": color,
+        "size": size,
+        "aspect": round(rng.uniform(0.6, 1.0), 2),
+        "cx": rng.randint(size // 2 + 2, width - size // 2 - 2),
+        "cy": rng.randint(size // 2 + 2, height - size // 2 - 2),
+        "background": [rng.randint(215, 255) for _ in range(3)],
+    }
 
 
 def render_shape(spec: dict[str, Any], scale: int = 4) -> Image.Image:
@@ -629,24 +1214,34 @@ def task_list(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("outputs/datasets"),
-                        help="folder to write (default: %(default)s)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("outputs/datasets"), help="folder to write (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default: %(default)s)")
-    parser.add_argument("--tasks", type=task_list, default=list(TASKS),
-                        help="comma-separated subset of vqa,ocr,gui,multi (default: all)")
+    parser.add_argument(
+        "--tasks",
+        type=task_list,
+        default=list(TASKS),
+        help="comma-separated subset of vqa,ocr,gui,multi (default: all)",
+    )
     parser.add_argument("--small", action="store_true", help=f"tiny preset for tests: {SMALL_SIZES} per task")
     parser.add_argument("--overwrite", action="store_true", help="replace existing <output>/<task> folders")
     for split in SPLITS:
         note = " except vqa, whose test split stays the official one" if split == "test" else ""
-        parser.add_argument(f"--{split}-size", type=count, metavar="N",
-                            help=f"{split} examples of every task{note} (default: {DEFAULT_SIZES[split]})")
+        parser.add_argument(
+            f"--{split}-size",
+            type=count,
+            metavar="N",
+            help=f"{split} examples of every task{note} (default: {DEFAULT_SIZES[split]})",
+        )
     for task in TASKS:
         for split in SPLITS:
             default = f"--{split}-size"
             if task == "vqa":
                 default = "all 9,673 official questions; N: a prefix" if split == "test" else f"{default}; or 'all'"
-            parser.add_argument(f"--{task}-{split}-size", type=count, metavar="N",
-                                help=f"{task} {split} examples (default: {default})")
+            parser.add_argument(
+                f"--{task}-{split}-size", type=count, metavar="N", help=f"{task} {split} examples (default: {default})"
+            )
     return parser.parse_args(argv)
 
 
@@ -685,15 +1280,20 @@ def write_datasets(output: Path, seed: int, sizes: dict[str, dict[str, int | str
         started = time.perf_counter()
         manifest["tasks"][task] = WRITERS[task](output / task, seed, sizes[task])
         for split, entry in manifest["tasks"][task].items():
-            print(f"{task}/{split}: {entry['examples']} examples, {entry['images']} images -> "
-                  f"{output / entry['jsonl']}")
+            print(
+                f"{task}/{split}: {entry['examples']} examples, {entry['images']} images -> {output / entry['jsonl']}"
+            )
         print(f"{task}: {time.perf_counter() - started:.1f} s")
     if "vqa" in sizes:
         official = vqa_official()
-        manifest["vqa_official"] = {"train_questions": len(official["train"]), "test_questions": len(official["test"]),
-                                    "train_images": len(official["train_images"]),
-                                    "test_images": len(official["test_images"]), "answers": official["answers"],
-                                    "val_image_fraction": VQA_VAL_IMAGE_FRACTION}
+        manifest["vqa_official"] = {
+            "train_questions": len(official["train"]),
+            "test_questions": len(official["test"]),
+            "train_images": len(official["train_images"]),
+            "test_images": len(official["test_images"]),
+            "answers": official["answers"],
+            "val_image_fraction": VQA_VAL_IMAGE_FRACTION,
+        }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -10,7 +10,7 @@ Writes `--output` as a complete, loadable repo folder:
 - every other file (remote code, tokenizer, processor and chat template) as a relative symlink to the identical file
   at the repo root, so the git history holds them once; a file that differs from the root's is an error (rebuild
   the folder with the current code);
-- a short README.md (model card) pointing to the main model card's AndesVL-Tiny section.
+- a short README.md (model card) pointing to `docs/andesvl-tiny.md` (data, recipe, evaluation).
 
 `--demo-output` gets `examples.jsonl` + `images/`: the FIRST examples of each test split (no picking), in the
 order the demo runs them: easy-vqa and multi-image with the base, OCR with `adapters/ocr`, GUI with `adapters/gui`,
@@ -45,9 +45,10 @@ packages (easy-vqa, captcha fonts, synthetic phone screens). It is a demonstrati
 path of the official sizes; it is not a substitute for the official AndesVL weights.
 
 Adapters (`adapters/`): {adapters}. A name ending in `-qalft-int4` was trained with QALFT against the
-int4-quantized base (`scripts/quantize.py --bits 4 --group-size 16`); the others are plain LoRA for this float base. Data, recipe and the evaluation table: see the AndesVL-Tiny
-section of the repository's main README; the recorded accuracies are in `eval/`, the training curves in
-`training/`.
+int4-quantized base (`scripts/quantize.py --bits 4 --group-size 16`); the others are plain LoRA for this float
+base. All four are LoRA on the text model's linears only, so every loading path serves them (peft's integrated API,
+mixed batches, hot-swap). Data, recipe and the evaluation tables: the repository's `docs/andesvl-tiny.md`; the
+recorded accuracies are in `eval/`, the training curves in `training/`.
 """
 
 
@@ -55,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("outputs/tiny"), help="train_tiny.sh output folder")
     parser.add_argument("--output", type=Path, default=ROOT / "AndesVL-Tiny", help="folder to (re)write")
-    parser.add_argument("--demo-output", type=Path, default=ROOT / "assets" / "andesvl-tiny",
-                        help="demo examples folder to (re)write")
+    parser.add_argument(
+        "--demo-output", type=Path, default=ROOT / "assets" / "andesvl-tiny", help="demo examples folder to (re)write"
+    )
     return parser.parse_args(argv)
 
 
@@ -64,8 +66,10 @@ def check_output(output: Path, work: Path) -> None:
     """Refuse an output that is, contains or lies inside the work folder (the input), or that contains the repo."""
     out, src = output.resolve(), work.resolve()
     if out == src or out.is_relative_to(src) or src.is_relative_to(out) or ROOT.resolve().is_relative_to(out):
-        raise SystemExit(f"Refusing to write {output} ({out}): it is, contains or lies inside --work {work} ({src}), "
-                         f"or contains the repository {ROOT}; choose another output folder.")
+        raise SystemExit(
+            f"Refusing to write {output} ({out}): it is, contains or lies inside --work {work} ({src}), "
+            f"or contains the repository {ROOT}; choose another output folder."
+        )
     if output.is_symlink() or output.is_file():
         raise SystemExit(f"{output} is not a folder")
 
@@ -86,8 +90,10 @@ def link_or_copy_repo_files(source: Path, output: Path) -> list[str]:
         (output / path.name).symlink_to(os.path.relpath(twin, output))
         linked.append(path.name)
     if differing:
-        raise SystemExit(f"{len(differing)} file(s) of {source} differ from the repo root's: {differing}; rebuild "
-                         "the folder with the current code (scripts/train_tiny.sh re-exports it).")
+        raise SystemExit(
+            f"{len(differing)} file(s) of {source} differ from the repo root's: {differing}; rebuild "
+            "the folder with the current code (scripts/train_tiny.sh re-exports it)."
+        )
     return linked
 
 
@@ -152,8 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
         (output / "README.md").write_text(CARD.format(adapters=", ".join(f"`{name}`" for name in adapters)))
     with staged_folder(args.demo_output) as demo_output:
         examples = write_demo_examples(args.work / "datasets", demo_output)
-    summary = {"output": str(args.output), "bytes": folder_bytes(args.output), "adapters": adapters,
-               "linked_to_root": linked, "demo_examples": examples}
+    summary = {
+        "output": str(args.output),
+        "bytes": folder_bytes(args.output),
+        "adapters": adapters,
+        "linked_to_root": linked,
+        "demo_examples": examples,
+    }
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -68,11 +68,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import build_repo  # noqa: E402
-import finetune_lora as ft  # noqa: E402
-from folders import overlap_error  # noqa: E402
-from evaluate import box_intersection, text_of  # noqa: E402  (sibling script: message text, box overlap)
-from make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS  # noqa: E402  (sibling script)
+import build_repo
+import finetune_lora as ft
+from evaluate import box_intersection, text_of
+from folders import overlap_error
+from make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS
 
 STAGE_NAMES = ("vision", "align", "pretrain", "sft")
 ALL_MODULES = ("vision_encoder", "mlp", "language_model")
@@ -107,17 +107,29 @@ STAGES = {
 }
 
 TINY_DEMO = build_repo.model_config(
-    {**build_repo.AIMV2_LARGE, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-     "num_attention_heads": 4, "image_size": 224, "torch_dtype": "float32"},
-    {**build_repo.qwen3_text_config(80, 4, 4, 384), "num_key_value_heads": 2, "head_dim": 32,
-     "torch_dtype": "float32"},
+    {
+        **build_repo.AIMV2_LARGE,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "torch_dtype": "float32",
+    },
+    {**build_repo.qwen3_text_config(80, 4, 4, 384), "num_key_value_heads": 2, "head_dim": 32, "torch_dtype": "float32"},
     "float32",
 )
 MICRO = build_repo.model_config(
-    {**build_repo.AIMV2_LARGE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-     "num_attention_heads": 2, "image_size": 112, "torch_dtype": "float32"},
-    {**build_repo.qwen3_text_config(32, 1, 2, 64), "num_key_value_heads": 1, "head_dim": 16,
-     "torch_dtype": "float32"},
+    {
+        **build_repo.AIMV2_LARGE,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 112,
+        "torch_dtype": "float32",
+    },
+    {**build_repo.qwen3_text_config(32, 1, 2, 64), "num_key_value_heads": 1, "head_dim": 16, "torch_dtype": "float32"},
     "float32",
 )
 
@@ -133,13 +145,15 @@ def stage_tasks(args: argparse.Namespace, stage: str) -> list[str]:
     return getattr(args, f"{stage}_tasks") or args.tasks
 
 
-def load_task_split(data: Path, tasks: list[str], split: str, seed: int, limits: dict[str, int] | None = None
-                    ) -> list[dict]:
+def load_task_split(
+    data: Path, tasks: list[str], split: str, seed: int, limits: dict[str, int] | None = None
+) -> list[dict]:
     """The concatenated `<data>/<task>/<split>.jsonl` of `tasks` (the first `limits[task]` lines of a capped task),
     shuffled with `seed` (validated by finetune_lora)."""
     limits = limits or {}
-    examples = [example for task in tasks
-                for example in ft.load_jsonl(data / task / f"{split}.jsonl")[: limits.get(task)]]
+    examples = [
+        example for task in tasks for example in ft.load_jsonl(data / task / f"{split}.jsonl")[: limits.get(task)]
+    ]
     random.Random(seed).shuffle(examples)
     return examples
 
@@ -158,8 +172,9 @@ def image_records(examples: list[dict], task: str) -> list[dict]:
         paths = ft.image_paths(example["messages"])
         if len(paths) != 1:
             continue
-        record = records.setdefault(paths[0], {"image": paths[0], "task": task, "meta": example.get("meta", {}),
-                                               "answers": []})
+        record = records.setdefault(
+            paths[0], {"image": paths[0], "task": task, "meta": example.get("meta", {}), "answers": []}
+        )
         record["answers"].append(text_of(example["messages"][-1]).strip().lower())
     return list(records.values())
 
@@ -167,16 +182,19 @@ def image_records(examples: list[dict], task: str) -> list[dict]:
 def image_labels(answers: list[str]) -> dict[str, int]:
     """For every IMAGE_LABELS name, the index of the value that one of `answers` (stripped, lower-case) names, or
     IGNORE_INDEX when none does."""
-    named = {name: [values.index(answer) for answer in answers if answer in values]
-             for name, values in IMAGE_LABELS.items()}
+    named = {
+        name: [values.index(answer) for answer in answers if answer in values] for name, values in IMAGE_LABELS.items()
+    }
     return {name: indices[0] if indices else IGNORE_INDEX for name, indices in named.items()}
 
 
 def check_dense_meta(records: list[dict], task: str, keys: tuple[str, ...]) -> None:
     missing = [record["image"] for record in records if any(key not in record["meta"] for key in keys)]
     if missing:
-        raise SystemExit(f"stage vision: {len(missing)} of {len(records)} {task} images lack the meta {list(keys)} "
-                         f"(first: {missing[0]}); regenerate the data with scripts/make_datasets.py")
+        raise SystemExit(
+            f"stage vision: {len(missing)} of {len(records)} {task} images lack the meta {list(keys)} "
+            f"(first: {missing[0]}); regenerate the data with scripts/make_datasets.py"
+        )
 
 
 def vision_records(examples: list[dict], task: str) -> list[dict]:
@@ -193,6 +211,7 @@ def vision_records(examples: list[dict], task: str) -> list[dict]:
 class TokenGrid:
     """Where an original image's pixels land on its grid of visual tokens (one token = `base` x `base` canvas
     pixels after the image processor's resize and centred padding)."""
+
     rows: int
     cols: int
     scale: tuple[float, float]  # canvas / original pixels, (x, y)
@@ -223,8 +242,12 @@ class TokenGrid:
         """(x1, y1, x2, y2) of token `index` in original pixels."""
         row, col = divmod(index, self.cols)
         x1, y1 = col * self.base - self.offset[0], row * self.base - self.offset[1]
-        return (x1 / self.scale[0], y1 / self.scale[1],
-                (x1 + self.base) / self.scale[0], (y1 + self.base) / self.scale[1])
+        return (
+            x1 / self.scale[0],
+            y1 / self.scale[1],
+            (x1 + self.base) / self.scale[0],
+            (y1 + self.base) / self.scale[1],
+        )
 
 
 def char_targets(text: str, centers: list[list[float]], grid: TokenGrid) -> torch.Tensor:
@@ -312,8 +335,9 @@ def sincos_position_table(side: int, dim: int, temperature: float = 10000.0) -> 
     if dim % 4:
         raise ValueError(f"a 2-D sin-cos position table needs a width divisible by 4, got {dim}")
     frequencies = temperature ** -(torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
-    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
+    )
     angles = [axis.reshape(-1, 1) * frequencies for axis in (rows, cols)]  # 2 x [side*side, dim/4]
     return torch.cat([part for angle in angles for part in (angle.sin(), angle.cos())], dim=-1)  # [side*side, dim]
 
@@ -364,8 +388,9 @@ def token_positions(image_grid_hw: torch.Tensor, merge_size: int) -> torch.Tenso
     the model's token order (images in order, row-major)."""
     centres = []
     for height, width in (image_grid_hw // merge_size).tolist():
-        rows, cols = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width,
-                                    indexing="ij")
+        rows, cols = torch.meshgrid(
+            (torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij"
+        )
         centres.append(torch.stack([rows.flatten(), cols.flatten()], dim=-1))
     return torch.cat(centres)
 
@@ -388,8 +413,9 @@ class VisionWarmupHeads(torch.nn.Module):
         self.group = model.config.image_token_group  # patches per visual token (2x2 merge)
         self.merge_size = model.config.vision_config.merge_size
         width = model.config.text_config.hidden_size
-        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values))
-                                          for name, values in IMAGE_LABELS.items()})
+        self.heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(width, len(values)) for name, values in IMAGE_LABELS.items()}
+        )
         self.heads["chars"] = torch.nn.Linear(width, CHAR_SLOTS * (NO_CHAR + 1))
         self.heads["element"] = torch.nn.Linear(width, len(GUI_LABELS))
         self.heads["box"] = torch.nn.Linear(width, 4)
@@ -400,8 +426,9 @@ class VisionWarmupHeads(torch.nn.Module):
         features = self.vision_encoder(pixel_values, image_grid_hw)  # [N, Dv]
         return self.mlp(features.reshape(-1, features.shape[-1] * self.group))  # [N/4, D_llm], as the LLM sees them
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, **targets: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, **targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         tokens = self.visual_tokens(pixel_values, image_grid_hw)  # [T, D]
         counts = (image_grid_hw.prod(-1) // self.group).tolist()
         pooled = torch.stack([image.mean(0) for image in tokens.split(counts)])  # [images, D]
@@ -410,8 +437,11 @@ class VisionWarmupHeads(torch.nn.Module):
         logits["element"], logits["box"] = self.heads["element"](tokens), self.heads["box"](tokens)
         if "position" in self.heads:
             logits["position"] = self.heads["position"](tokens)
-        losses = [torch.nn.functional.cross_entropy(logits[name], targets[name].reshape(-1), ignore_index=IGNORE_INDEX)
-                  for name in (*IMAGE_LABELS, "chars", "element") if (targets[name] != IGNORE_INDEX).any()]
+        losses = [
+            torch.nn.functional.cross_entropy(logits[name], targets[name].reshape(-1), ignore_index=IGNORE_INDEX)
+            for name in (*IMAGE_LABELS, "chars", "element")
+            if (targets[name] != IGNORE_INDEX).any()
+        ]
         boxed = targets["box"][:, 0] >= 0
         if boxed.any():
             error = (logits["box"][boxed] - targets["box"][boxed]).abs().mean()
@@ -423,14 +453,16 @@ class VisionWarmupHeads(torch.nn.Module):
 
 
 @torch.no_grad()
-def vision_target_accuracy(heads: VisionWarmupHeads, dataset: VisionTargetDataset, batch_size: int = 32
-                           ) -> dict[str, float]:
+def vision_target_accuracy(
+    heads: VisionWarmupHeads, dataset: VisionTargetDataset, batch_size: int = 32
+) -> dict[str, float]:
     """Over the labelled entries of `dataset`: shape and colour accuracy, OCR character accuracy (slots that hold a
     character), GUI label accuracy (tokens on a label), mean box error (0-1000 units, tokens inside an element) and,
     with the position head, mean position error (0-1000 units, every token)."""
     heads.eval()
-    sums: dict[str, list[float]] = {name: [0.0, 0] for name in (*IMAGE_LABELS, "chars", "element", "box_error",
-                                                                 "position_error")}
+    sums: dict[str, list[float]] = {
+        name: [0.0, 0] for name in (*IMAGE_LABELS, "chars", "element", "box_error", "position_error")
+    }
     for start in range(0, len(dataset), batch_size):
         batch = collate_vision_targets([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         logits = heads(**batch)
@@ -519,16 +551,18 @@ def last_checkpoint(folder: Path, resume: bool) -> str | None:
 
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if last is not None and not resume:
-        raise SystemExit(f"{folder} already holds checkpoints ({Path(last).name}); pass --resume or use a new "
-                         "--work-dir.")
+        raise SystemExit(
+            f"{folder} already holds checkpoints ({Path(last).name}); pass --resume or use a new --work-dir."
+        )
     return last
 
 
 def build_trainer(model, training_args, train_set, eval_set, collator):
     from transformers import Trainer
 
-    return Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                   data_collator=collator)
+    return Trainer(
+        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -572,8 +606,10 @@ def plot_loss_curves(train: list[dict], evaluation: list[dict], path: Path, titl
     width, height, left, right, top, bottom = 720, 420, 70, 20, 40, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    series = [([p["step"] for p in train], [p["loss"] for p in train], (31, 119, 180), "train loss"),
-              ([p["step"] for p in evaluation], [p["eval_loss"] for p in evaluation], (255, 127, 14), "eval loss")]
+    series = [
+        ([p["step"] for p in train], [p["loss"] for p in train], (31, 119, 180), "train loss"),
+        ([p["step"] for p in evaluation], [p["eval_loss"] for p in evaluation], (255, 127, 14), "eval loss"),
+    ]
     steps = [s for xs, _, _, _ in series for s in xs] or [0, 1]
     losses = [v for _, ys, _, _ in series for v in ys] or [0, 1]
     x_range, y_range = (min(steps), max(steps)), (min(losses), max(losses))
@@ -585,8 +621,9 @@ def plot_loss_curves(train: list[dict], evaluation: list[dict], path: Path, titl
         y = height - bottom - fraction * (height - bottom - top)
         draw.text((6, y - 6), f"{y_range[0] + fraction * (y_range[1] - y_range[0]):.4g}", fill="black")
         x = left + fraction * (width - right - left)
-        draw.text((x - 10, height - bottom + 6), f"{x_range[0] + fraction * (x_range[1] - x_range[0]):.0f}",
-                  fill="black")
+        draw.text(
+            (x - 10, height - bottom + 6), f"{x_range[0] + fraction * (x_range[1] - x_range[0]):.0f}", fill="black"
+        )
     for index, (xs, ys, color, label) in enumerate(series):
         points = list(zip(scale(xs, *x_range, left, width - right), scale(ys, *y_range, height - bottom, top)))
         if len(points) > 1:
@@ -600,8 +637,9 @@ def plot_loss_curves(train: list[dict], evaluation: list[dict], path: Path, titl
 
 def write_stage_outputs(folder: Path, metrics: dict[str, Any]) -> None:
     ft.write_json(folder / METRICS_NAME, metrics)
-    plot_loss_curves(metrics["train_loss_curve"], metrics["eval_curve"], folder / PLOT_NAME,
-                     f"AndesVL {metrics['stage']}: loss")
+    plot_loss_curves(
+        metrics["train_loss_curve"], metrics["eval_curve"], folder / PLOT_NAME, f"AndesVL {metrics['stage']}: loss"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,8 +669,11 @@ def vision_split(args: argparse.Namespace, split: str, limit: int | None = None)
     to `limit`), task after task: each task's examples shuffled with --seed, its records in first-appearance order
     (the Trainer's sampler shuffles across tasks)."""
     limits = args.task_limit if split == "train" else {}
-    return [record for task in args.vision_tasks
-            for record in vision_records(load_task_split(args.data, [task], split, args.seed, limits), task)[:limit]]
+    return [
+        record
+        for task in args.vision_tasks
+        for record in vision_records(load_task_split(args.data, [task], split, args.seed, limits), task)[:limit]
+    ]
 
 
 def vision_datasets(args: argparse.Namespace, processor):
@@ -668,12 +709,15 @@ def run_stage(args: argparse.Namespace, stage: str, source: Path) -> Path:
     else:
         trained, collator = model, ft.ChatCollator(processor.tokenizer.pad_token_id)
     trainer = build_trainer(trained, training_args, train_set, eval_set, collator)
-    print(f"== stage {stage}: trains {stage_modules(args, stage)} ({sum(counts.values()):,} parameters), "
-          f"{sizes[0]} train / {sizes[1]} val examples, from {source}")
+    print(
+        f"== stage {stage}: trains {stage_modules(args, stage)} ({sum(counts.values()):,} parameters), "
+        f"{sizes[0]} train / {sizes[1]} val examples, from {source}"
+    )
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    if eval_set is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e
-                                        for e in trainer.state.log_history):
+    if eval_set is not None and not any(
+        e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history
+    ):
         trainer.evaluate()
     metrics = stage_metrics(stage, args, trainer, train_output, counts, sizes, checkpoint, time.perf_counter() - start)
     if stage == "vision" and eval_set is not None:
@@ -761,35 +805,62 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and stages")
     model.add_argument("--init", required=True, help="'tiny-aimv2' (fresh TINY_DEMO) or a saved AndesVL folder")
     model.add_argument("--micro", action="store_true", help="with --init tiny-aimv2: a much smaller model (tests)")
-    model.add_argument("--position-table", choices=("random", "sincos"), default="random",
-                       help="with --init tiny-aimv2: the vision encoder's initial position table")
+    model.add_argument(
+        "--position-table",
+        choices=("random", "sincos"),
+        default="random",
+        help="with --init tiny-aimv2: the vision encoder's initial position table",
+    )
     which = model.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", choices=STAGE_NAMES, help="run one stage")
     which.add_argument("--stages", type=stage_list, help="comma-separated stages to run in order")
     model.add_argument("--align-vision", action="store_true", help="align also trains the vision encoder")
-    model.add_argument("--train-modules", type=module_list, help="comma-separated modules to train in the stage(s) "
-                       "run, overriding the stage table (e.g. all three for an align stage on a from-scratch model)")
+    model.add_argument(
+        "--train-modules",
+        type=module_list,
+        help="comma-separated modules to train in the stage(s) "
+        "run, overriding the stage table (e.g. all three for an align stage on a from-scratch model)",
+    )
     model.add_argument("--save-dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of --output weights")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="output folder of scripts/make_datasets.py")
     data.add_argument("--tasks", type=task_list, default=list(TASKS), help="tasks of every stage")
-    data.add_argument("--vision-tasks", type=vision_task_list, default=["vqa"],
-                      help="images of the vision warm-up, a subset of vqa,ocr,gui (ocr and gui add their per-token "
-                      "heads)")
-    data.add_argument("--position-loss-weight", type=float, default=0.0,
-                      help="vision warm-up: weight of a per-token head that regresses each token's own grid position "
-                      "(0: no head)")
+    data.add_argument(
+        "--vision-tasks",
+        type=vision_task_list,
+        default=["vqa"],
+        help="images of the vision warm-up, a subset of vqa,ocr,gui (ocr and gui add their per-token heads)",
+    )
+    data.add_argument(
+        "--position-loss-weight",
+        type=float,
+        default=0.0,
+        help="vision warm-up: weight of a per-token head that regresses each token's own grid position (0: no head)",
+    )
     for stage in STAGE_NAMES[1:]:
         data.add_argument(f"--{stage}-tasks", type=task_list, help=f"tasks of the {stage} stage (default: --tasks)")
-    data.add_argument("--task-limit", type=task_limits, default={}, metavar="TASK=N,...",
-                      help="train on the first N train examples of these tasks only, in every stage (e.g. keep the "
-                      "scenario tasks small in the base: ocr=1000,gui=1000)")
-    data.add_argument("--drop-answers", type=lambda text: [a for a in text.split(",") if a.strip()], default=[],
-                      metavar="A,B", help="skip examples whose answer is one of these, e.g. 'yes,no' for an align "
-                      "stage on answers only the image determines (a text prior can guess yes/no)")
+    data.add_argument(
+        "--task-limit",
+        type=task_limits,
+        default={},
+        metavar="TASK=N,...",
+        help="train on the first N train examples of these tasks only, in every stage (e.g. keep the "
+        "scenario tasks small in the base: ocr=1000,gui=1000)",
+    )
+    data.add_argument(
+        "--drop-answers",
+        type=lambda text: [a for a in text.split(",") if a.strip()],
+        default=[],
+        metavar="A,B",
+        help="skip examples whose answer is one of these, e.g. 'yes,no' for an align "
+        "stage on answers only the image determines (a text prior can guess yes/no)",
+    )
     data.add_argument("--val", action="store_true", help="evaluate the loss on the tasks' val splits")
-    data.add_argument("--max-val-examples", type=int,
-                      help="evaluate on the first N shuffled val examples only (vision stage: N images per task)")
+    data.add_argument(
+        "--max-val-examples",
+        type=int,
+        help="evaluate on the first N shuffled val examples only (vision stage: N images per task)",
+    )
     data.add_argument("--max-length", type=int, default=1024, help="truncate longer conversations (never an image)")
 
 
@@ -806,8 +877,12 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs with bf16 support)")
     train.add_argument("--dataloader-workers", type=int, default=0, help="DataLoader worker processes")
     train.add_argument("--seed", type=int, default=0, help="seed of the init, data order and dropout")
-    train.add_argument("--num-threads", type=int, help="torch intra-op CPU threads (default: torch's; on a busy "
-                       "2-core CPU, 1 can be an order of magnitude faster)")
+    train.add_argument(
+        "--num-threads",
+        type=int,
+        help="torch intra-op CPU threads (default: torch's; on a busy "
+        "2-core CPU, 1 can be an order of magnitude faster)",
+    )
     run = parser.add_argument_group("checkpoints, logging, outputs")
     run.add_argument("--work-dir", type=Path, required=True, help="checkpoints, stage folders and args.json")
     run.add_argument("--output", type=Path, required=True, help="final repo folder (the last stage's model)")

@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import ROOT, load_model, packed_inputs
 from peft import LoraConfig, PeftModel, get_peft_model
+
+from conftest import ROOT, load_model, packed_inputs
 
 HUB_ID = "org/AndesVL-tiny"
 RANKS = {"ocr": 4, "gui": 8}
@@ -25,8 +26,14 @@ RANKS = {"ocr": 4, "gui": 8}
 def make_adapter(base_folder, output, rank: int, seed: int, **lora_kwargs) -> None:
     model = load_model(base_folder)
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=model.default_lora_target_modules, **lora_kwargs)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        target_modules=model.default_lora_target_modules,
+        **lora_kwargs,
+    )
     get_peft_model(model, config).save_pretrained(output)
     adapter_config = json.loads((output / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = HUB_ID
@@ -94,11 +101,17 @@ def test_integrated_load_adapter_from_local_subfolder_path(adapter_repo, inputs)
 
 
 def test_peft_mixed_batch_equals_each_row_with_its_adapter(adapter_repo):
-    model = PeftModel.from_pretrained(load_model(adapter_repo), adapter_repo, subfolder="adapters/ocr", adapter_name="ocr")
+    model = PeftModel.from_pretrained(
+        load_model(adapter_repo), adapter_repo, subfolder="adapters/ocr", adapter_name="ocr"
+    )
     model.load_adapter(adapter_repo, adapter_name="gui", subfolder="adapters/gui")
     single = packed_inputs(model.config, [(4, 4)])
-    batch = {**single, "input_ids": single["input_ids"].repeat(3, 1),
-             "pixel_values": single["pixel_values"].repeat(3, 1), "image_grid_hw": single["image_grid_hw"].repeat(3, 1)}
+    batch = {
+        **single,
+        "input_ids": single["input_ids"].repeat(3, 1),
+        "pixel_values": single["pixel_values"].repeat(3, 1),
+        "image_grid_hw": single["image_grid_hw"].repeat(3, 1),
+    }
     names = ["ocr", "gui", "__base__"]
     generate = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     mixed_logits = logits(model, batch, adapter_names=names)
@@ -163,8 +176,9 @@ def test_lora_and_full_copy_of_one_module_clash_with_a_clear_error(adapter_repo,
     fresh.load_scenario_adapter(order[1])
 
 
-def test_an_adapter_without_a_projector_copy_runs_the_base_projector_next_to_one_with_it(adapter_repo, inputs,
-                                                                                       tmp_path):
+def test_an_adapter_without_a_projector_copy_runs_the_base_projector_next_to_one_with_it(
+    adapter_repo, inputs, tmp_path
+):
     """`proj` saves the projector in full (`--train-projector`), `gui` does not: with both loaded, each adapter, and
     a disable / enable round under each, computes exactly what it computes alone (transformers' own set_adapter
     raised "Adapter gui not found in {'proj'}")."""
@@ -172,8 +186,13 @@ def test_an_adapter_without_a_projector_copy_runs_the_base_projector_next_to_one
     shutil.copytree(adapter_repo, repo, symlinks=True)
     model = load_model(repo)
     torch.manual_seed(5)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=model.default_lora_target_modules,
-                        modules_to_save=["mlp.0", "mlp.2"])
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=model.default_lora_target_modules,
+        modules_to_save=["mlp.0", "mlp.2"],
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # a projector copy that differs from the base
         for name, param in peft_model.named_parameters():
@@ -243,8 +262,12 @@ def _hub_cache(adapter_repo, tmp_path) -> dict[str, str]:
     shutil.copytree(adapter_repo, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "scripts")])}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "scripts")]),
+    }
 
 
 def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -272,8 +295,11 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="peft 0.21.2 offline mode joins `subfolder` twice (save_and_load.py, "
-                   "load_peft_weights); online Hub ids are unaffected. Use model.load_scenario_adapter offline.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="peft 0.21.2 offline mode joins `subfolder` twice (save_and_load.py, "
+    "load_peft_weights); online Hub ids are unaffected. Use model.load_scenario_adapter offline.",
+)
 def test_peft_subfolder_from_hub_id_offline(adapter_repo, tmp_path):
     code = f"""
 from conftest import load_model
@@ -284,9 +310,12 @@ PeftModel.from_pretrained(load_model({HUB_ID!r}), {HUB_ID!r}, subfolder="adapter
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.xfail(int(transformers.__version__.split(".")[0]) < 5, strict=True,
-                   reason="transformers 4.57's load_adapter looks up adapter_kwargs' subfolder online only "
-                   "(LocalEntryNotFoundError offline); 5.x resolves it from the cache. README: Offline Hub ids.")
+@pytest.mark.xfail(
+    int(transformers.__version__.split(".")[0]) < 5,
+    strict=True,
+    reason="transformers 4.57's load_adapter looks up adapter_kwargs' subfolder online only "
+    "(LocalEntryNotFoundError offline); 5.x resolves it from the cache. README: Offline Hub ids.",
+)
 def test_integrated_load_adapter_subfolder_from_hub_id_offline(adapter_repo, tmp_path):
     code = f"""
 from conftest import load_model
@@ -299,7 +328,13 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
-SHIPPED_ROWS = (("ocr", "ocr"), ("gui", "gui"), ("vqa", "__base__"), ("ocr", "ocr-qalft-int4"), ("gui", "gui-qalft-int4"))
+SHIPPED_ROWS = (
+    ("ocr", "ocr"),
+    ("gui", "gui"),
+    ("vqa", "__base__"),
+    ("ocr", "ocr-qalft-int4"),
+    ("gui", "gui-qalft-int4"),
+)
 
 
 def shipped_conversations(processor, rows):
@@ -310,15 +345,18 @@ def shipped_conversations(processor, rows):
     for task, _ in rows:
         example = [e for e in examples if e["task"] == task][seen.get(task, 0)]
         seen[task] = seen.get(task, 0) + 1
-        content = [{**part, "path": str(ROOT / "assets/andesvl-tiny" / part["path"])} if part["type"] == "image"
-                   else part for part in example["messages"][0]["content"]]
+        content = [
+            {**part, "path": str(ROOT / "assets/andesvl-tiny" / part["path"])} if part["type"] == "image" else part
+            for part in example["messages"][0]["content"]
+        ]
         conversations.append([{"role": "user", "content": content}])
     return conversations
 
 
 def encode_one(processor, conversation):
-    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt")
+    return processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
 
 
 def test_shipped_adapters_in_a_mixed_batch_equal_each_row_alone():
@@ -331,15 +369,17 @@ def test_shipped_adapters_in_a_mixed_batch_equal_each_row_alone():
     processor = load_processor(repo)
     names = [name for _, name in SHIPPED_ROWS]
     conversations = shipped_conversations(processor, SHIPPED_ROWS)
-    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                          return_tensors="pt", padding=True)
+    batch = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
     adapters = [name for name in dict.fromkeys(names) if name != "__base__"]
-    model = PeftModel.from_pretrained(load_model(repo), repo, subfolder=f"adapters/{adapters[0]}",
-                                      adapter_name=adapters[0])
+    model = PeftModel.from_pretrained(
+        load_model(repo), repo, subfolder=f"adapters/{adapters[0]}", adapter_name=adapters[0]
+    )
     for name in adapters[1:]:
         model.load_adapter(repo, adapter_name=name, subfolder=f"adapters/{name}")
     generate = dict(max_new_tokens=8, do_sample=False)
-    mixed = model.generate(**batch, adapter_names=names, **generate)[:, batch["input_ids"].shape[1]:]
+    mixed = model.generate(**batch, adapter_names=names, **generate)[:, batch["input_ids"].shape[1] :]
     for row, (name, conversation) in enumerate(zip(names, conversations)):
         single = encode_one(processor, conversation)
         if name == "__base__":
@@ -348,7 +388,7 @@ def test_shipped_adapters_in_a_mixed_batch_equal_each_row_alone():
         else:
             model.set_adapter(name)
             alone = model.generate(**single, **generate)
-        alone = alone[0, single["input_ids"].shape[1]:]
+        alone = alone[0, single["input_ids"].shape[1] :]
         got = mixed[row][: len(alone)]
         assert got.tolist() == alone.tolist(), (name, processor.decode(got), processor.decode(alone))
     model.set_adapter(adapters[0])  # the PeftModel still works for a one-row generate afterwards
@@ -358,8 +398,9 @@ def test_shipped_adapters_in_a_mixed_batch_equal_each_row_alone():
 def test_shipped_adapters_hotswap_equals_a_fresh_load():
     """README path (c) with the shipped adapters: ocr -> gui swapped in place (prepared for rank 32) answers the GUI
     example exactly as a PeftModel freshly loaded with gui."""
-    from conftest import load_processor
     from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    from conftest import load_processor
 
     repo = ROOT / "AndesVL-Tiny"
     processor = load_processor(repo)

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from conftest import build_repo
 
 
@@ -48,15 +49,18 @@ def sharded(tiny_repos, tmp_path) -> Path:
     folder.mkdir()
     state = load_file(str(tiny_repos["siglip2"] / "model.safetensors"))
     keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for name, part in halves.items():
         save_file({k: state[k].contiguous() for k in part}, str(folder / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
     size = sum(t.numel() * t.element_size() for t in state.values())
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map})
+    )
     return folder
 
 

@@ -25,9 +25,10 @@ import threading
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, load_model, load_processor, random_image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, TextIteratorStreamer, pipeline
+
+from conftest import IMAGE_TOKEN_ID, load_model, load_processor, random_image
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -195,7 +196,9 @@ def test_chat_batch_matches_single(model, processor):
 
 
 def test_chat_image_options_not_forwarded(model, processor):
-    messages = [{"role": "user", "content": [{"type": "image", "image": random_image(448, 448)}, {"type": "text", "text": "?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": random_image(448, 448)}, {"type": "text", "text": "?"}]}
+    ]
     with recording_generate(model) as calls:
         answer = model.chat(messages, processor.tokenizer, processor.image_processor,
                             resize_mode="eval", max_size=1792, **GREEDY)  # fmt: skip
@@ -238,7 +241,9 @@ def test_completion_equals_generate(model, processor):
 
 def test_pipeline_matches_generate(model, processor, lively_repo):
     pipe = pipeline("image-text-to-text", model=str(lively_repo), trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": IMAGE_A}, {"type": "text", "text": "Describe."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": IMAGE_A}, {"type": "text", "text": "Describe."}]}
+    ]
     expected = greedy_answer(model, processor, processor_inputs(processor, messages))
     # The pipeline drops a top-level `do_sample` (4.57 and 5.x alike) and the repo's generation_config samples,
     # so greedy decoding has to go through `generate_kwargs` (which then must hold max_new_tokens too).
@@ -278,8 +283,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 folder = {folder!r}
 model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.new("RGB", (64, 48))}}, {{"type": "text", "text": "Hi"}}]}}]
-inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True)
+image = {{"type": "image", "image": Image.new("RGB", (64, 48))}}
+messages = [{{"role": "user", "content": [image, {{"type": "text", "text": "Hi"}}]}}]
+inputs = processor.apply_chat_template(
+    messages, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True
+)
 output = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
 assert output.shape[1] == inputs["input_ids"].shape[1] + 2, output.shape
 print("generated", output.shape[1] - inputs["input_ids"].shape[1])

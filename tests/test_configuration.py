@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, build_repo
 from transformers import AutoConfig
+
+from conftest import ROOT, build_repo
 
 
 def _config_folder(tmp_path, config: dict, name: str = "AndesVL-2B-Thinking"):
@@ -36,7 +37,9 @@ def test_official_config_json_loads_verbatim(tmp_path, size):
 
 
 def test_config_round_trip_keeps_the_official_model_type(tmp_path):
-    config = AutoConfig.from_pretrained(_config_folder(tmp_path, build_repo.official_config("0.6B")), trust_remote_code=True)
+    config = AutoConfig.from_pretrained(
+        _config_folder(tmp_path, build_repo.official_config("0.6B")), trust_remote_code=True
+    )
     config.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["model_type"] == "andesvl-siglip2-qwen3"
@@ -76,14 +79,40 @@ def test_committed_repo_json_is_what_build_repo_writes():
     assert json.loads((ROOT / "preprocessor_config.json").read_text()) == build_repo.preprocessor_config(expected)
     assert json.loads((ROOT / "processor_config.json").read_text()) == build_repo.PROCESSOR_CONFIG
     assert json.loads((ROOT / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
-    assert set(expected["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"}
+    assert set(expected["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForCausalLM",
+        "AutoModelForImageTextToText",
+    }
 
 
 def test_remote_code_is_import_pure():
     """Remote-code modules import only torch/transformers/PIL/numpy/stdlib at module level and read no env vars."""
-    allowed = {"torch", "transformers", "PIL", "numpy", "__future__", "typing", "math", "base64", "binascii",
-               "contextlib", "copy", "io", "os", "warnings", "logging", "re", "json", "dataclasses", "functools",
-               "pathlib", "inspect", "time"}
+    allowed = {
+        "torch",
+        "transformers",
+        "PIL",
+        "numpy",
+        "__future__",
+        "typing",
+        "math",
+        "base64",
+        "binascii",
+        "contextlib",
+        "copy",
+        "io",
+        "os",
+        "warnings",
+        "logging",
+        "re",
+        "json",
+        "dataclasses",
+        "functools",
+        "pathlib",
+        "inspect",
+        "time",
+    }
     for name in build_repo.REMOTE_CODE_FILES:
         source = (ROOT / name).read_text()
         assert "import flash_attn" not in source and "from flash_attn" not in source, name

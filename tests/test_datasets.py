@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 import easy_vqa
-import finetune_lora as ft
-import make_datasets as md
 import numpy as np
 import pytest
+
+import finetune_lora as ft
+import make_datasets as md
 from conftest import ROOT, load_processor
 
 SCRIPT = ROOT / "scripts" / "make_datasets.py"
@@ -134,8 +135,10 @@ def test_vqa_train_and_val_are_official_train_questions_on_disjoint_images(runs)
         for record in records(runs["a"], "vqa", split):
             meta = record["meta"]
             assert meta["official_split"] == "train"
-            assert (user_text(record), record["messages"][1]["content"]) == (questions[meta["question_index"]],
-                                                                              answers[meta["question_index"]])
+            assert (user_text(record), record["messages"][1]["content"]) == (
+                questions[meta["question_index"]],
+                answers[meta["question_index"]],
+            )
         seen[split] = {record["meta"]["image_id"] for record in records(runs["a"], "vqa", split)}
     assert not seen["train"] & seen["val"]
     selection = md.vqa_selection(0, {"train": md.ALL, "val": md.ALL, "test": 5})
@@ -145,11 +148,14 @@ def test_vqa_train_and_val_are_official_train_questions_on_disjoint_images(runs)
     assert selection["test"] == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("task, draw", [
-    ("ocr", md.ocr_draw),
-    ("gui", md.gui_layout),
-    ("multi", lambda rng: md.multi_pair(rng, rng.choice(["color", "shape"]), rng.random() < 0.5)),
-])
+@pytest.mark.parametrize(
+    "task, draw",
+    [
+        ("ocr", md.ocr_draw),
+        ("gui", md.gui_layout),
+        ("multi", lambda rng: md.multi_pair(rng, rng.choice(["color", "shape"]), rng.random() < 0.5)),
+    ],
+)
 def test_synthetic_splits_never_share_content(task, draw):
     """Many draws per split (no rendering): the content keys (OCR text, GUI label set, image pair) are disjoint."""
     keys = {}
@@ -233,7 +239,7 @@ def test_ocr_meta_places_every_character_in_reading_order(runs):
         with Image.open(runs["a"] / "ocr" / record["messages"][0]["content"][0]["path"]) as image:
             gray = np.asarray(image.convert("L"), dtype=int)
         for x, y in meta["char_centers"]:  # some pixel near each centre is much darker than the background
-            window = gray[int(y) - 6: int(y) + 7, int(x) - 4: int(x) + 5]
+            window = gray[int(y) - 6 : int(y) + 7, int(x) - 4 : int(x) + 5]
             assert window.min() < gray.max() - 60, (meta["text"], x, y)
 
 

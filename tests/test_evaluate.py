@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+from test_adapters import make_adapter
+
 import evaluate
 import make_datasets
-import pytest
 import quantize
-from test_adapters import make_adapter
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Unit tests
@@ -71,8 +72,18 @@ def test_score_ocr_is_case_sensitive_and_reports_case_insensitive():
     assert scores["char_error_rate"] == 2 / 18  # "hello" vs "Hello": 1 substitution; "12345" vs "1234": 1 insertion
 
 
-@pytest.mark.parametrize("a, b, distance", [("", "", 0), ("", "abc", 3), ("abc", "", 3), ("kitten", "sitting", 3),
-                                            ("8979276", "9999999", 5), ("Human", "HUMAN", 4), ("1234", "2341", 2)])
+@pytest.mark.parametrize(
+    "a, b, distance",
+    [
+        ("", "", 0),
+        ("", "abc", 3),
+        ("abc", "", 3),
+        ("kitten", "sitting", 3),
+        ("8979276", "9999999", 5),
+        ("Human", "HUMAN", 4),
+        ("1234", "2341", 2),
+    ],
+)
 def test_edit_distance(a, b, distance):
     assert evaluate.edit_distance(a, b) == distance == evaluate.edit_distance(b, a)
 
@@ -92,8 +103,13 @@ def test_score_gui_iou_threshold_and_unparseable():
 
 
 def test_scores_by_group_rescore_each_kind_and_skip_ungrouped_examples():
-    examples = [{"target": "1234", "group": "number"}, {"target": "Human", "group": "word"},
-                {"target": "42", "group": "number"}, {"target": "cat", "group": None}, {"target": "dog"}]
+    examples = [
+        {"target": "1234", "group": "number"},
+        {"target": "Human", "group": "word"},
+        {"target": "42", "group": "number"},
+        {"target": "cat", "group": None},
+        {"target": "dog"},
+    ]
     grouped = evaluate.scores_by_group("ocr", ["1234", "human", "43", "cat", "dog"], examples)
     assert list(grouped) == ["number", "word"]
     assert grouped["number"] == {"accuracy": 0.5, "accuracy_case_insensitive": 0.5, "char_error_rate": 1 / 6, "n": 2}
@@ -102,9 +118,14 @@ def test_scores_by_group_rescore_each_kind_and_skip_ungrouped_examples():
 
 
 def test_examples_are_grouped_by_the_tasks_meta_field():
-    example = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Read it."}]},
-                            {"role": "assistant", "content": [{"type": "text", "text": "1234"}]}],
-               "meta": {"kind": "number", "element": "row"}, "source": "x.jsonl:1"}
+    example = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Read it."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "1234"}]},
+        ],
+        "meta": {"kind": "number", "element": "row"},
+        "source": "x.jsonl:1",
+    }
     assert evaluate.to_prompt_and_target(example, evaluate.GROUP_FIELDS["ocr"])["group"] == "number"
     assert evaluate.to_prompt_and_target(example, evaluate.GROUP_FIELDS["gui"])["group"] == "row"
     assert evaluate.to_prompt_and_target(example)["group"] is None
@@ -142,16 +163,35 @@ def test_mcnemar_p_value_is_the_exact_two_sided_binomial_test(a_only, b_only, p_
 
 def test_paired_comparison_counts_each_kind_of_pair():
     comparison = evaluate.paired_comparison("1101100", "1011000")
-    assert comparison == {"n": 7, "accuracy_a": pytest.approx(4 / 7), "accuracy_b": pytest.approx(3 / 7), "a_only": 2,
-                          "b_only": 1, "both": 2, "neither": 2, "p_value": pytest.approx(1.0)}
+    assert comparison == {
+        "n": 7,
+        "accuracy_a": pytest.approx(4 / 7),
+        "accuracy_b": pytest.approx(3 / 7),
+        "a_only": 2,
+        "b_only": 1,
+        "both": 2,
+        "neither": 2,
+        "p_value": pytest.approx(1.0),
+    }
     with pytest.raises(ValueError, match="different examples: 3 vs 2"):
         evaluate.paired_comparison("101", "10")
 
 
 def test_compare_names_an_unknown_row_before_any_model_loads(tmp_path):
     with pytest.raises(ValueError, match=r"1 row\(s\) this evaluation does not produce: \['adapter:gui'\]"):
-        evaluate.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--adapter", "ocr",
-                       "--compare", "adapter:gui", "base"])
+        evaluate.main(
+            [
+                "--model",
+                str(tmp_path / "no-model"),
+                "--data",
+                str(tmp_path),
+                "--adapter",
+                "ocr",
+                "--compare",
+                "adapter:gui",
+                "base",
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,10 +209,34 @@ def smoke_report(tiny_repos, tmp_path_factory):
     quantize.main(["--model", str(repo), "--output", str(quantized), "--bits", "4", "--check-tokens", "1"])
     make_datasets.main(["--output", str(work / "data"), "--small", "--seed", "0"])
     output = work / "report.json"
-    report = evaluate.main(["--model", str(repo), "--data", str(work / "data"), "--limit", "4", "--adapter", "ocr",
-                            "--quantized-model", str(quantized), "--output", str(output), "--batch-size", "4",
-                            "--max-new-tokens", "4", "--device", "cpu",
-                            "--compare", "int4 base + adapter:ocr", "adapter:ocr", "--compare", "adapter:ocr", "base"])
+    report = evaluate.main(
+        [
+            "--model",
+            str(repo),
+            "--data",
+            str(work / "data"),
+            "--limit",
+            "4",
+            "--adapter",
+            "ocr",
+            "--quantized-model",
+            str(quantized),
+            "--output",
+            str(output),
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--compare",
+            "int4 base + adapter:ocr",
+            "adapter:ocr",
+            "--compare",
+            "adapter:ocr",
+            "base",
+        ]
+    )
     return report, output
 
 
@@ -186,7 +250,7 @@ def test_smoke_report_has_every_row_and_task(smoke_report):
     assert report["split"] == "test" and report["limit"] == 4 and report["args"]["adapter"] == ["ocr"]
     for row in report["rows"].values():
         assert set(row) == set(evaluate.TASKS)
-        for task, scores in row.items():
+        for scores in row.values():
             assert scores["n"] == 4 and 0.0 <= scores["accuracy"] <= 1.0
             assert len(scores["examples"]) == 4
             assert len(scores["per_example"]) == 4 and scores["per_example"].count("1") == round(4 * scores["accuracy"])
@@ -207,14 +271,18 @@ def test_smoke_report_writes_one_json_per_task(smoke_report):
         per_task = json.loads(output.with_name(f"report.{task}.json").read_text())
         assert per_task["task"] == task and per_task["split"] == "test"
         assert per_task["rows"] == json.loads(json.dumps({name: row[task] for name, row in report["rows"].items()}))
-        assert [(c["a"], c["b"]) for c in per_task["comparisons"]] == [("int4 base + adapter:ocr", "adapter:ocr"),
-                                                                      ("adapter:ocr", "base")]
+        assert [(c["a"], c["b"]) for c in per_task["comparisons"]] == [
+            ("int4 base + adapter:ocr", "adapter:ocr"),
+            ("adapter:ocr", "base"),
+        ]
 
 
 def test_a_one_task_report_gets_no_per_task_copy(tmp_path):
     assert evaluate.task_report_paths(tmp_path / "r.json", ["ocr"]) == {}
-    assert evaluate.task_report_paths(tmp_path / "r.json", ["ocr", "gui"]) == {"ocr": tmp_path / "r.ocr.json",
-                                                                              "gui": tmp_path / "r.gui.json"}
+    assert evaluate.task_report_paths(tmp_path / "r.json", ["ocr", "gui"]) == {
+        "ocr": tmp_path / "r.ocr.json",
+        "gui": tmp_path / "r.gui.json",
+    }
 
 
 def test_smoke_report_compares_each_pair_on_every_task(smoke_report):
@@ -230,12 +298,12 @@ def test_smoke_report_compares_each_pair_on_every_task(smoke_report):
 
 def test_disabled_adapter_row_equals_the_base_row(smoke_report):
     rows = smoke_report[0]["rows"]
-    strip = lambda row: {task: {k: v for k, v in scores.items() if k != "seconds"} for task, scores in row.items()}  # noqa: E731
+    strip = lambda row: {task: {k: v for k, v in scores.items() if k != "seconds"} for task, scores in row.items()}
     assert strip(rows["adapter:ocr (disabled again)"]) == strip(rows["base"])
 
 
 def test_adapter_changes_some_prediction(smoke_report):
     rows = smoke_report[0]["rows"]
-    predictions = lambda row: [e["prediction"] for scores in row.values() for e in scores["examples"]]  # noqa: E731
+    predictions = lambda row: [e["prediction"] for scores in row.values() for e in scores["examples"]]
     assert predictions(rows["adapter:ocr"]) != predictions(rows["base"])
     assert predictions(rows["int4 base + adapter:ocr"]) != predictions(rows["int4 base"])

@@ -15,8 +15,9 @@ import time
 import zlib
 
 import pytest
-from conftest import ROOT
 from PIL import Image
+
+from conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location("image_processing_andesvl", ROOT / "image_processing_andesvl.py")
 ip = importlib.util.module_from_spec(_spec)
@@ -40,7 +41,9 @@ def write_gray16_png(path, width: int, height: int) -> None:
         parts.append(compressor.compress(row))
     parts.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16-bit, grayscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
 
 
 PEAK_RSS_SCRIPT = """
@@ -60,8 +63,13 @@ print("peak_mib", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) 
 
 def peak_rss_of_processing(path) -> tuple[str, float]:
     """Run the shipped image processor on `path` in a fresh process: (its result line, peak RSS growth in MiB)."""
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(ROOT / "AndesVL-Tiny"), str(path)],
-                         capture_output=True, text=True, timeout=300, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(ROOT / "AndesVL-Tiny"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     lines = run.stdout.strip().splitlines()
     return lines[-2], float(lines[-1].split()[1])
 
@@ -71,7 +79,9 @@ def test_a_16_bit_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path
     write_gray16_png(path, 13000, 13000)  # 169 Mpx: under PIL's bomb limit, 3.4 GB to decode before the limit
     assert path.stat().st_size < 2**20
     result, peak = peak_rss_of_processing(path)
-    assert result.startswith("ValueError") and "13000x13000 = 169000000 pixels" in result and "max_image_pixels" in result
+    assert (
+        result.startswith("ValueError") and "13000x13000 = 169000000 pixels" in result and "max_image_pixels" in result
+    )
     assert peak < 64, f"refusing a header-declared 169 Mpx image grew the peak RSS by {peak:.0f} MiB"
 
 
@@ -102,7 +112,7 @@ class Server:
 
     def __init__(self, handle):
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):
                 handle(self)
 
             def log_message(self, *args):

@@ -21,11 +21,8 @@ from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-AndesVLImageProcessor = get_class_from_dynamic_module(
-    "image_processing_andesvl.AndesVLImageProcessor", str(REPO_ROOT)
-)
+AndesVLImageProcessor = get_class_from_dynamic_module("image_processing_andesvl.AndesVLImageProcessor", str(REPO_ROOT))
 ipa = sys.modules[AndesVLImageProcessor.__module__]  # the module's functions: load_image, patchify, ...
 
 CLIP_BACKGROUND = (122, 116, 104)
@@ -232,11 +229,23 @@ def test_default_config_keeps_none_max_size(tmp_path):
 
 def test_official_clip_preprocessor_config_loads():
     official = {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": False, "do_center_crop": False,
-        "crop_size": -1, "size": {"shortest_edge": -1}, "do_convert_rgb": True, "do_rescale": True,
-        "do_normalize": True, "rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "patch_size": 14, "hidden_stride": 2,
-        "temporal_patch_size": 1, "min_pixels": 200704, "max_pixels": 2408448,
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": False,
+        "do_center_crop": False,
+        "crop_size": -1,
+        "size": {"shortest_edge": -1},
+        "do_convert_rgb": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "patch_size": 14,
+        "hidden_stride": 2,
+        "temporal_patch_size": 1,
+        "min_pixels": 200704,
+        "max_pixels": 2408448,
     }
     processor = AndesVLImageProcessor.from_dict(official)
     assert processor.expected_canvas_size(1920, 1080) == (980, 560)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 
 SCRIPT = r"""
@@ -27,14 +29,21 @@ print("ANSWER", logits.shape[-1], processor.decode(output[0, inputs["input_ids"]
 """
 
 
+@pytest.mark.slow
 def test_loads_runs_and_generates_without_peft():
-    setup = subprocess.run(["bash", str(ROOT / "scripts/setup_env.sh"), "minimal"], capture_output=True, text=True,
-                           timeout=900)
+    setup = subprocess.run(
+        ["bash", str(ROOT / "scripts/setup_env.sh"), "minimal"], capture_output=True, text=True, timeout=900
+    )
     assert setup.returncode == 0, setup.stderr[-2000:]
     python = setup.stdout.strip().splitlines()[-1] + "/bin/python"
     image = ROOT / "assets/andesvl-tiny/images/vqa_0.png"
-    run = subprocess.run([python, "-c", SCRIPT, str(ROOT / "AndesVL-Tiny"), str(image)], capture_output=True,
-                         text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [python, "-c", SCRIPT, str(ROOT / "AndesVL-Tiny"), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     answer = run.stdout.split("ANSWER", 1)[1].split()
     assert answer[0] == "151936" and len(answer) > 1  # full-vocabulary logits and a non-empty answer

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+
 from conftest import ROOT, load_model, packed_inputs
 
 
@@ -49,8 +50,11 @@ def test_image_tokens_without_pixels_raise(tiny_model):
 def test_pixels_without_image_tokens_raise(tiny_model):
     inputs = packed_inputs(tiny_model.config, [(4, 4)])
     with pytest.raises(ValueError, match="pixel_values of 16 patches .1 images. were given but input_ids hold no"):
-        tiny_model(input_ids=torch.tensor([[9707, 11, 1879]]), pixel_values=inputs["pixel_values"],
-                   image_grid_hw=inputs["image_grid_hw"])
+        tiny_model(
+            input_ids=torch.tensor([[9707, 11, 1879]]),
+            pixel_values=inputs["pixel_values"],
+            image_grid_hw=inputs["image_grid_hw"],
+        )
 
 
 def test_a_prompt_beyond_the_context_raises_before_compute(tiny_model):
@@ -108,8 +112,9 @@ def test_chat_rejects_a_misspelt_keyword_argument(tiny_model, tiny_processor):
     messages = [{"role": "user", "content": "Hello"}]
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\): \['max_new_tokenz'\]"):
         tiny_model.chat(messages, tiny_processor.tokenizer, tiny_processor.image_processor, max_new_tokenz=3)
-    answer = tiny_model.chat(messages, tiny_processor.tokenizer, tiny_processor.image_processor, max_new_tokens=2,
-                             do_sample=False)
+    answer = tiny_model.chat(
+        messages, tiny_processor.tokenizer, tiny_processor.image_processor, max_new_tokens=2, do_sample=False
+    )
     assert isinstance(answer, str)
 
 

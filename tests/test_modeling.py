@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, build_repo, load_model, load_processor, packed_inputs, random_image
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel
+
+from conftest import IMAGE_TOKEN_ID, build_repo, load_model, load_processor, packed_inputs, random_image
 
 # Official parameter counts (README of the official repos; tied lm_head counted once).
 OFFICIAL_PARAMETERS = {"0.6B": 695_069_952, "1B": 927_010_816, "2B": 2_055_731_200, "4B": 4_359_721_984}
@@ -45,32 +46,50 @@ def official_keys(size: str) -> dict[str, tuple[int, ...]]:
     keys["language_model.model.norm.weight"] = (hidden,)
     if size == "0.6B":
         v, dv = "vision_encoder.vision_model.", 768
-        keys |= {v + "embeddings.proj.weight": (768, 768), v + "embeddings.proj.bias": (768,),
-                 v + "embeddings.pos_embed.weight": (1024, 768)}
+        keys |= {
+            v + "embeddings.proj.weight": (768, 768),
+            v + "embeddings.proj.bias": (768,),
+            v + "embeddings.pos_embed.weight": (1024, 768),
+        }
         for i in range(12):
             p = f"{v}encoder.layers.{i}."
             for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 keys |= {p + f"self_attn.{name}.weight": (768, 768), p + f"self_attn.{name}.bias": (768,)}
             for norm in ("layer_norm1", "layer_norm2"):
                 keys |= {p + f"{norm}.weight": (768,), p + f"{norm}.bias": (768,)}
-            keys |= {p + "mlp.fc1.weight": (3072, 768), p + "mlp.fc1.bias": (3072,),
-                     p + "mlp.fc2.weight": (768, 3072), p + "mlp.fc2.bias": (768,)}
+            keys |= {
+                p + "mlp.fc1.weight": (3072, 768),
+                p + "mlp.fc1.bias": (3072,),
+                p + "mlp.fc2.weight": (768, 3072),
+                p + "mlp.fc2.bias": (768,),
+            }
         keys |= {v + "post_layernorm.weight": (768,), v + "post_layernorm.bias": (768,)}
     else:
         v, dv = "vision_encoder.", 1024
-        keys |= {v + "preprocessor.patchifier.proj.weight": (1024, 3, 14, 14),
-                 v + "preprocessor.patchifier.proj.bias": (1024,),
-                 v + "preprocessor.patchifier.norm.weight": (1024,),
-                 v + "preprocessor.pos_embed": (1, 1024, 1024)}
+        keys |= {
+            v + "preprocessor.patchifier.proj.weight": (1024, 3, 14, 14),
+            v + "preprocessor.patchifier.proj.bias": (1024,),
+            v + "preprocessor.patchifier.norm.weight": (1024,),
+            v + "preprocessor.pos_embed": (1, 1024, 1024),
+        }
         for i in range(24):
             p = f"{v}trunk.blocks.{i}."
-            keys |= {p + "norm_1.weight": (1024,), p + "attn.qkv.weight": (3072, 1024),
-                     p + "attn.proj.weight": (1024, 1024), p + "norm_2.weight": (1024,),
-                     p + "mlp.fc1.weight": (2816, 1024), p + "mlp.fc3.weight": (2816, 1024),
-                     p + "mlp.fc2.weight": (1024, 2816)}
+            keys |= {
+                p + "norm_1.weight": (1024,),
+                p + "attn.qkv.weight": (3072, 1024),
+                p + "attn.proj.weight": (1024, 1024),
+                p + "norm_2.weight": (1024,),
+                p + "mlp.fc1.weight": (2816, 1024),
+                p + "mlp.fc3.weight": (2816, 1024),
+                p + "mlp.fc2.weight": (1024, 2816),
+            }
         keys[v + "trunk.post_trunk_norm.weight"] = (1024,)
-    keys |= {"mlp.0.weight": (4 * dv, 4 * dv), "mlp.0.bias": (4 * dv,),
-             "mlp.2.weight": (hidden, 4 * dv), "mlp.2.bias": (hidden,)}
+    keys |= {
+        "mlp.0.weight": (4 * dv, 4 * dv),
+        "mlp.0.bias": (4 * dv,),
+        "mlp.2.weight": (hidden, 4 * dv),
+        "mlp.2.bias": (hidden,),
+    }
     return keys
 
 
@@ -124,7 +143,9 @@ def test_official_layout_checkpoint_loads_without_missing_or_unexpected_keys(tin
 def load_model_with_info(folder, **kwargs):
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, output_loading_info=True, **kwargs)
+    return AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=True, output_loading_info=True, **kwargs
+    )
 
 
 def test_verify_checkpoint_reports_counts(tiny_repo, tiny_model, tmp_path):
@@ -184,7 +205,9 @@ def test_images_are_encoded_only_in_prefill(tiny_model):
     calls = []
     handle = tiny_model.vision_encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
-        tiny_model.generate(**packed_inputs(tiny_model.config, [(4, 4)]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        tiny_model.generate(
+            **packed_inputs(tiny_model.config, [(4, 4)]), max_new_tokens=5, min_new_tokens=5, do_sample=False
+        )
     finally:
         handle.remove()
     assert len(calls) == 1

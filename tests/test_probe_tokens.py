@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
-import make_datasets
-import probe_tokens
 import pytest
 import torch
+
+import make_datasets
+import probe_tokens
 import train
 
 
@@ -35,8 +36,7 @@ def test_label_read_out_separates_coded_labels_and_not_shuffled_ones():
     coded = torch.nn.functional.one_hot(labels, 32).float() * 5 + torch.randn(3000, 32, generator=generator)
     fit = probe_tokens.softmax_label(coded[:2000], labels[:2000], coded[2000:], labels[2000:], steps=200, seed=0)
     shuffled = labels[torch.randperm(3000, generator=generator)]
-    chance = probe_tokens.softmax_label(coded[:2000], shuffled[:2000], coded[2000:], shuffled[2000:], steps=200,
-                                        seed=0)
+    chance = probe_tokens.softmax_label(coded[:2000], shuffled[:2000], coded[2000:], shuffled[2000:], steps=200, seed=0)
     assert fit["accuracy"] > 0.9
     assert chance["accuracy"] < 0.15
 
@@ -50,9 +50,26 @@ def gui_data(tmp_path_factory):
 
 def test_probe_cli_on_a_tiny_repo_writes_every_number(tiny_repos, gui_data, tmp_path, capsys):
     output = tmp_path / "probe.json"
-    results = probe_tokens.main(["--model", str(tiny_repos["aimv2"]), "--data", str(gui_data),
-                                 "--position-screens", "8", "--label-fit-screens", "16", "--label-score-screens", "8",
-                                 "--label-steps", "20", "--num-threads", "1", "--output", str(output)])
+    results = probe_tokens.main(
+        [
+            "--model",
+            str(tiny_repos["aimv2"]),
+            "--data",
+            str(gui_data),
+            "--position-screens",
+            "8",
+            "--label-fit-screens",
+            "16",
+            "--label-score-screens",
+            "8",
+            "--label-steps",
+            "20",
+            "--num-threads",
+            "1",
+            "--output",
+            str(output),
+        ]
+    )
     assert json.loads(output.read_text()) == results
     assert set(results["position"]) == {"r2_row", "r2_column", "error_row", "error_column"}
     label = results["label"]

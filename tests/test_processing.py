@@ -15,12 +15,14 @@ import re
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, load_processor, random_image
 from PIL import Image
+
+from conftest import IMAGE_TOKEN_ID, load_processor, random_image
 
 IMG_START_ID, IMG_END_ID, PAD_ID = 151652, 151653, 151643
 
@@ -84,7 +86,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + crc
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def user(*parts) -> list[dict]:
@@ -274,7 +278,9 @@ def test_template_assistant_prefill(processor):
 def test_template_official_double_header(processor):
     rendered = render(processor, user("Q"), add_generation_prompt=True, official_double_header=True)
     assert rendered == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<|im_start|>assistant\n"
-    rendered = render(processor, user("Q"), add_generation_prompt=True, official_double_header=True, enable_thinking=True)
+    rendered = render(
+        processor, user("Q"), add_generation_prompt=True, official_double_header=True, enable_thinking=True
+    )
     assert rendered.endswith("<|im_start|>assistant\n<|im_start|>assistant\n<think>")
 
 
@@ -299,7 +305,7 @@ def test_template_drops_earlier_reasoning(processor):
 
 
 def image_part(kind: str, path: str) -> dict:
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     return {
         "pil": {"type": "image", "image": Image.open(path)},
         "path": {"type": "image", "path": path},
@@ -313,7 +319,8 @@ def image_part(kind: str, path: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "kind", ["pil", "path", "local-url", "image-str", "data-url", "base64", "openai-image_url", "openai-image_url-detail"]
+    "kind",
+    ["pil", "path", "local-url", "image-str", "data-url", "base64", "openai-image_url", "openai-image_url-detail"],
 )
 def test_chat_template_image_sources(processor, image_file, kind):
     reference = encode(processor, user({"type": "image", "image": Image.open(image_file).convert("RGB")}, "Describe."))

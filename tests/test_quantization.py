@@ -10,15 +10,16 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import build_repo
 import pytest
-import quantize
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, load_model, packed_inputs
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel
+
+import build_repo
+import quantize
+from conftest import ROOT, load_model, packed_inputs
 
 _spec = importlib.util.spec_from_file_location("quantization_andesvl", ROOT / "quantization_andesvl.py")
 qz = importlib.util.module_from_spec(_spec)
@@ -173,8 +174,12 @@ def test_cli_writes_a_complete_folder_that_loads_cleanly_and_generates(quantized
         if not quantize.is_weight_file(path):
             assert (output / path.name).exists(), path.name
     config = json.loads((output / "config.json").read_text())
-    assert config["quantization"] == {"bits": report["bits"], "group_size": GROUP, "modules": qz.DEFAULT_MODULES,
-                                      "scale_dtype": "float16"}
+    assert config["quantization"] == {
+        "bits": report["bits"],
+        "group_size": GROUP,
+        "modules": qz.DEFAULT_MODULES,
+        "scale_dtype": "float16",
+    }
     assert json.loads((output / quantize.REPORT_NAME).read_text())["check"] == report["check"]
 
     model, info = AutoModel.from_pretrained(output, trust_remote_code=True, output_loading_info=True)
@@ -227,7 +232,7 @@ def test_vision_tower_projector_and_lm_head_stay_float(quantized, cached_model):
             assert not hasattr(module, "qweight") and module.weight.is_floating_point(), name
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     assert type(lm_head) is nn.Linear and lm_head.weight is embed.weight  # still tied
-    assert qz.DEFAULT_MODULES == model.default_lora_target_modules  # the quantized layers are the LoRA targets
+    assert model.default_lora_target_modules == qz.DEFAULT_MODULES  # the quantized layers are the LoRA targets
 
 
 def test_meta_build_of_a_quantized_config_matches_the_checkpoint(quantized):
@@ -324,12 +329,25 @@ def test_group_size_defaults_to_one_that_divides_the_model_and_a_bad_one_names_t
     """README's `quantize.py --bits 4` on AndesVL-Tiny (widths 80, 128, 384): 64 does not divide 80, so the default
     falls to 16 and says so; an explicit 64 fails naming the sizes that would work."""
     output = tmp_path / "int4"
-    report = quantize.main(["--model", str(ROOT / "AndesVL-Tiny"), "--output", str(output), "--bits", "4",
-                            "--check-tokens", "1"])
+    report = quantize.main(
+        ["--model", str(ROOT / "AndesVL-Tiny"), "--output", str(output), "--bits", "4", "--check-tokens", "1"]
+    )
     assert report["group_size"] == 16
     assert "group size 16" in capsys.readouterr().out
     with pytest.raises((ValueError, SystemExit)) as error:
-        quantize.main(["--model", str(ROOT / "AndesVL-Tiny"), "--output", str(tmp_path / "bad"), "--bits", "4",
-                       "--group-size", "64", "--check-tokens", "1"])
+        quantize.main(
+            [
+                "--model",
+                str(ROOT / "AndesVL-Tiny"),
+                "--output",
+                str(tmp_path / "bad"),
+                "--bits",
+                "4",
+                "--group-size",
+                "64",
+                "--check-tokens",
+                "1",
+            ]
+        )
     assert "sizes that do: [16, 8, 4, 2, 1]" in str(error.value) + capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -12,9 +12,9 @@ import re
 import shutil
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+
 from conftest import ROOT
 
 READMES = ("README.md", "adapters/README.md")

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import chat
 import pytest
+
+import chat
 from conftest import ROOT, build_repo
 
 DEMO_IMAGE = ROOT / "assets" / "demo_shapes.png"
@@ -26,8 +27,20 @@ def test_chat_cli_streamed_equals_plain(tiny_repo, tmp_path, capsys):
 
 
 def test_chat_cli_thinking_and_two_images(tiny_repo, tmp_path):
-    args = ["--model", str(tiny_repo), "--image", str(DEMO_IMAGE), "--image", str(DEMO_IMAGE), "--thinking",
-            "--max-new-tokens", "3", "--output", str(tmp_path / "out.json"), "Same picture twice?"]
+    args = [
+        "--model",
+        str(tiny_repo),
+        "--image",
+        str(DEMO_IMAGE),
+        "--image",
+        str(DEMO_IMAGE),
+        "--thinking",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(tmp_path / "out.json"),
+        "Same picture twice?",
+    ]
     chat.main(args)
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["answer"].startswith("<think>") and report["images"] == [str(DEMO_IMAGE)] * 2

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 import evaluate
 import make_datasets
-import pytest
 from conftest import ROOT, load_model
 
 TINY = ROOT / "AndesVL-Tiny"
@@ -31,8 +32,15 @@ def recorded() -> dict:
 def test_folder_is_complete_and_within_budget():
     size = sum(path.stat().st_size for path in TINY.rglob("*") if path.is_file())  # symlinks followed
     assert size <= MAX_BYTES, f"AndesVL-Tiny is {size / 1e6:.1f} MB, over 48 MB"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "modeling_andesvl.py", "README.md",
-                 "preprocessor_config.json", "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modeling_andesvl.py",
+        "README.md",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+    ):
         assert (TINY / name).is_file(), name
     for path in TINY.iterdir():
         if path.is_symlink():  # shared files point at the root's copy, inside the repo
@@ -56,13 +64,41 @@ def ci_report(tmp_path_factory):
     work = tmp_path_factory.mktemp("tiny-eval")
     args = recorded()["args"]
     limits = args["limit"]
-    make_datasets.main(["--output", str(work / "data"), "--seed", "0", "--tasks", ",".join(args["tasks"]),
-                        "--train-size", "1", "--val-size", "1",
-                        *[f"--{task}-test-size={limits[task]}" for task in args["tasks"]]])
-    argv = ["--model", str(TINY), "--data", str(work / "data"), "--tasks", ",".join(args["tasks"]),
-            "--limit", ",".join(f"{task}={n}" for task, n in limits.items()), "--batch-size", str(args["batch_size"]),
-            "--max-new-tokens", str(args["max_new_tokens"]), "--dtype", args["dtype"], "--device", "cpu",
-            "--output", str(work / "report.json")]
+    make_datasets.main(
+        [
+            "--output",
+            str(work / "data"),
+            "--seed",
+            "0",
+            "--tasks",
+            ",".join(args["tasks"]),
+            "--train-size",
+            "1",
+            "--val-size",
+            "1",
+            *[f"--{task}-test-size={limits[task]}" for task in args["tasks"]],
+        ]
+    )
+    argv = [
+        "--model",
+        str(TINY),
+        "--data",
+        str(work / "data"),
+        "--tasks",
+        ",".join(args["tasks"]),
+        "--limit",
+        ",".join(f"{task}={n}" for task, n in limits.items()),
+        "--batch-size",
+        str(args["batch_size"]),
+        "--max-new-tokens",
+        str(args["max_new_tokens"]),
+        "--dtype",
+        args["dtype"],
+        "--device",
+        "cpu",
+        "--output",
+        str(work / "report.json"),
+    ]
     for name in args["adapter"]:
         argv += ["--adapter", name]
     return evaluate.main(argv)
@@ -74,6 +110,7 @@ def test_recorded_subset_is_the_documented_one():
     assert args["limit"] == {"vqa": 300, "ocr": 100, "gui": 100}
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_reaches_its_recorded_accuracy(ci_report):
     expected = recorded()["rows"]
     assert list(ci_report["rows"]) == list(expected)
@@ -82,19 +119,22 @@ def test_shipped_checkpoint_reaches_its_recorded_accuracy(ci_report):
             measured = ci_report["rows"][row][task]
             assert measured["n"] == scores["n"]
             assert abs(measured["accuracy"] - scores["accuracy"]) <= MARGIN, (
-                f"{row} / {task}: accuracy {measured['accuracy']:.3f}, recorded {scores['accuracy']:.3f}")
+                f"{row} / {task}: accuracy {measured['accuracy']:.3f}, recorded {scores['accuracy']:.3f}"
+            )
 
 
+@pytest.mark.slow
 def test_disabling_an_adapter_restores_the_base_exactly(ci_report):
     rows = ci_report["rows"]
-    strip = lambda row: {task: {k: v for k, v in s.items() if k != "seconds"} for task, s in row.items()}  # noqa: E731
+    strip = lambda row: {task: {k: v for k, v in s.items() if k != "seconds"} for task, s in row.items()}
     for name in ("ocr", "gui"):
         assert strip(rows[f"adapter:{name} (disabled again)"]) == strip(rows["base"])
 
 
+@pytest.mark.slow
 def test_each_adapter_changes_the_answers(ci_report):
     rows = ci_report["rows"]
-    predictions = lambda row: [e["prediction"] for scores in row.values() for e in scores["examples"]]  # noqa: E731
+    predictions = lambda row: [e["prediction"] for scores in row.values() for e in scores["examples"]]
     for name in ("ocr", "gui"):
         assert predictions(rows[f"adapter:{name}"]) != predictions(rows["base"])
 
@@ -109,12 +149,15 @@ def test_demo_answers_the_bundled_examples_swapping_adapters(tmp_path, capsys):
 
     results = demo.main(["--output", str(tmp_path / "demo.json")])
     assert [(r["task"], r["adapter"]) for r in results] == (
-        [("vqa", None)] * 4 + [("multi", None)] * 2 + [("ocr", "ocr")] * 4 + [("gui", "gui")] * 3 + [("vqa", None)])
+        [("vqa", None)] * 4 + [("multi", None)] * 2 + [("ocr", "ocr")] * 4 + [("gui", "gui")] * 3 + [("vqa", None)]
+    )
     out = capsys.readouterr().out
     assert out.index("loaded adapters/ocr") < out.index("loaded adapters/gui") < out.index("adapters disabled: base")
     for result in results:
         assert result["truth"] and f"truth: {result['truth']!r}" in out and f"model: {result['answer']!r}" in out
-        assert result["correct"] == evaluate.SCORERS[result["task"]]([result["answer"]], [result["truth"]])["correct"][0]
+        assert (
+            result["correct"] == evaluate.SCORERS[result["task"]]([result["answer"]], [result["truth"]])["correct"][0]
+        )
     assert json.loads((tmp_path / "demo.json").read_text()) == json.loads(json.dumps(results))
 
 
@@ -159,15 +202,25 @@ def test_ship_links_shared_files_and_copies_trained_ones(fake_work, tmp_path):
     assert summary["adapters"] == ["ocr"] and summary["demo_examples"] == 14
     for name in ("modeling_andesvl.py", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"):
         assert (output / name).is_symlink() and (output / name).resolve() == ROOT / name
-    for name in ("config.json", "model.safetensors", "README.md", "adapters/ocr/adapter_model.safetensors",
-                 "training/sft/loss_curve.png", "eval/ci_subset.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "adapters/ocr/adapter_model.safetensors",
+        "training/sft/loss_curve.png",
+        "eval/ci_subset.json",
+    ):
         assert (output / name).is_file() and not (output / name).is_symlink(), name
     assert load_model(output).available_adapters() == ["ocr"]
     lines = [json.loads(line) for line in (demo_output / "examples.jsonl").read_text().splitlines()]
     first_test = json.loads((fake_work / "datasets" / "vqa" / "test.jsonl").read_text().splitlines()[0])
     assert lines[0]["messages"][1] == first_test["messages"][1] and lines[0]["adapter"] is None
-    assert all((demo_output / part["path"]).is_file()
-               for line in lines for part in line["messages"][0]["content"] if part["type"] == "image")
+    assert all(
+        (demo_output / part["path"]).is_file()
+        for line in lines
+        for part in line["messages"][0]["content"]
+        if part["type"] == "image"
+    )
 
 
 def test_ship_refuses_a_folder_whose_code_differs_from_the_root(fake_work, tmp_path):

@@ -2,6 +2,7 @@
 
 Runs against the files at the repo root, offline, under transformers 4.57.x and 5.x.
 """
+
 from __future__ import annotations
 
 import importlib.util

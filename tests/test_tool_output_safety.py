@@ -8,12 +8,12 @@ Run: `.venv/tf5/bin/python -m pytest tests/test_tool_output_safety.py -q` (and t
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT
 from test_build_repo_safety import snapshot
 
 import folders
 import quantize
 import ship_tiny
+from conftest import ROOT
 
 
 def model_folder(path):
@@ -66,8 +66,7 @@ def test_ship_tiny_refuses_to_write_over_its_input_or_the_repo(tmp_path, where):
     model_folder(work / "AndesVL-Tiny")
     (work / "eval").mkdir()
     (work / "eval" / "test.json").write_text("{}")
-    output = {"work": work, "inside-work": work / "AndesVL-Tiny", "containing-work": tmp_path,
-              "repo-root": ROOT}[where]
+    output = {"work": work, "inside-work": work / "AndesVL-Tiny", "containing-work": tmp_path, "repo-root": ROOT}[where]
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit, match="Refusing to write"):
         ship_tiny.main(["--work", str(work), "--output", str(output), "--demo-output", str(tmp_path / "demo")])
@@ -81,11 +80,35 @@ def test_train_refuses_an_output_over_its_init_model(tmp_path, capsys, where):
     init = model_folder(tmp_path / "runs" / "pretrain")
     output = {"same": init, "containing": tmp_path / "runs"}[where]
     with pytest.raises(SystemExit):
-        train.parse_args(["--init", str(init), "--stage", "sft", "--data", str(tmp_path), "--work-dir",
-                          str(tmp_path / "work"), "--output", str(output)])
+        train.parse_args(
+            [
+                "--init",
+                str(init),
+                "--stage",
+                "sft",
+                "--data",
+                str(tmp_path),
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--output",
+                str(output),
+            ]
+        )
     assert "--output would write over --init" in capsys.readouterr().err
-    train.parse_args(["--init", str(init), "--stage", "sft", "--data", str(tmp_path), "--work-dir",
-                      str(tmp_path / "work"), "--output", str(tmp_path / "sft")])  # apart: accepted
+    train.parse_args(
+        [
+            "--init",
+            str(init),
+            "--stage",
+            "sft",
+            "--data",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--output",
+            str(tmp_path / "sft"),
+        ]
+    )  # apart: accepted
 
 
 @pytest.mark.parametrize("where", ["same", "containing"])

@@ -10,22 +10,52 @@ import json
 import math
 import shutil
 
-import make_datasets
 import pytest
 import torch
-import train
-from conftest import load_model, load_processor, packed_inputs
 from PIL import Image
 from safetensors.torch import load_file
+
+import make_datasets
+import train
+from conftest import load_model, load_processor, packed_inputs
 
 TASKS = "ocr,multi"
 
 
 def run_argv(data, work, output, *extra: str) -> list[str]:
-    return ["--init", "tiny-aimv2", "--micro", "--data", str(data), "--tasks", TASKS, "--stages",
-            "align,pretrain,sft", "--val", "--max-val-examples", "2", "--max-steps", "2", "--batch-size", "2",
-            "--save-steps", "2", "--eval-steps", "2", "--logging-steps", "1", "--learning-rate", "1e-2",
-            "--num-threads", "1", "--work-dir", str(work), "--output", str(output), *extra]
+    return [
+        "--init",
+        "tiny-aimv2",
+        "--micro",
+        "--data",
+        str(data),
+        "--tasks",
+        TASKS,
+        "--stages",
+        "align,pretrain,sft",
+        "--val",
+        "--max-val-examples",
+        "2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        "--num-threads",
+        "1",
+        "--work-dir",
+        str(work),
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +117,7 @@ def test_final_folder_loads_and_answers(run):
     inputs = processor(text=prompt, images=[image], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(processor.decode(generated[0, inputs["input_ids"].shape[1]:]), str)
+    assert isinstance(processor.decode(generated[0, inputs["input_ids"].shape[1] :]), str)
 
 
 def test_resume_skips_finished_stages_and_refuses_a_fresh_run_over_checkpoints(run, capsys):
@@ -120,8 +150,13 @@ def labelled_batch(config, seed: int = 0) -> dict[str, torch.Tensor]:
     labels[0, : len(ids) - 2] = -100  # only the two tokens after the image are learned
     labels[1, :3] = -100
     labels[1, -5:] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": image_row["pixel_values"], "image_grid_hw": image_row["image_grid_hw"]}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": image_row["pixel_values"],
+        "image_grid_hw": image_row["image_grid_hw"],
+    }
 
 
 def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
@@ -132,8 +167,9 @@ def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
         inputs_embeds = model.get_input_embeddings()(batch["input_ids"])
         features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"])
         inputs_embeds = model.merge_image_features(batch["input_ids"], inputs_embeds, features)
-        full = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"])
+        full = model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
     selected = batch["labels"][:, 1:] != -100
     assert torch.allclose(output.loss, full.loss, atol=1e-5, rtol=0)
     assert output.logits.shape == (int(selected.sum()), model.config.text_config.vocab_size)
@@ -145,9 +181,32 @@ def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
 def test_resume_continues_an_interrupted_stage_from_its_last_checkpoint(run, tmp_path):
     data, _, output, _ = run
     work, final = tmp_path / "work", tmp_path / "final"
-    argv = ["--init", str(output), "--stage", "sft", "--data", str(data), "--tasks", "ocr", "--max-steps", "2",
-            "--batch-size", "2", "--save-steps", "1", "--save-total-limit", "3", "--logging-steps", "1",
-            "--num-threads", "1", "--work-dir", str(work), "--output", str(final)]
+    argv = [
+        "--init",
+        str(output),
+        "--stage",
+        "sft",
+        "--data",
+        str(data),
+        "--tasks",
+        "ocr",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "1",
+        "--save-total-limit",
+        "3",
+        "--logging-steps",
+        "1",
+        "--num-threads",
+        "1",
+        "--work-dir",
+        str(work),
+        "--output",
+        str(final),
+    ]
     train.main(argv)
     shutil.rmtree(work / "sft" / "model")  # as if killed after checkpoint-1
     shutil.rmtree(work / "sft" / "checkpoints" / "checkpoint-2")
@@ -161,10 +220,33 @@ def test_align_with_train_modules_drop_answers_and_task_limit(run, tmp_path):
     """The AndesVL-Tiny align recipe: every module trains, yes/no answers are skipped, a task is capped."""
     data, _, _, _ = run
     work = tmp_path / "work"
-    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "align", "--data", str(data), "--tasks", TASKS,
-            "--train-modules", "vision_encoder,mlp,language_model", "--drop-answers", "yes,no", "--task-limit",
-            "ocr=3", "--max-steps", "1", "--batch-size", "2", "--num-threads", "1", "--work-dir", str(work),
-            "--output", str(tmp_path / "out")]
+    argv = [
+        "--init",
+        "tiny-aimv2",
+        "--micro",
+        "--stage",
+        "align",
+        "--data",
+        str(data),
+        "--tasks",
+        TASKS,
+        "--train-modules",
+        "vision_encoder,mlp,language_model",
+        "--drop-answers",
+        "yes,no",
+        "--task-limit",
+        "ocr=3",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-threads",
+        "1",
+        "--work-dir",
+        str(work),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     train.main(argv)
     metrics = json.loads((work / "align" / "model" / train.METRICS_NAME).read_text())
     assert metrics["trained_modules"] == ["vision_encoder", "mlp", "language_model"]
@@ -176,24 +258,49 @@ def test_align_with_train_modules_drop_answers_and_task_limit(run, tmp_path):
 
 
 def test_drop_answers_and_flag_parsers():
-    examples = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
-                              {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
-                for answer in ("Yes", "red", " no ", "triangle")]
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ]
+        }
+        for answer in ("Yes", "red", " no ", "triangle")
+    ]
     kept = train.drop_answers(examples, ["yes", "no"])
     assert [e["messages"][-1]["content"][0]["text"] for e in kept] == ["red", "triangle"]
     assert train.task_limits("ocr=1000, gui=5") == {"ocr": 1000, "gui": 5}
     assert train.module_list("mlp,language_model") == ["mlp", "language_model"]
-    for parser, bad, message in ((train.task_limits, "ocr=0", "N >= 1"), (train.task_limits, "cat=3", "unknown"),
-                                 (train.module_list, "mlp,lm_head", "unknown module")):
+    for parser, bad, message in (
+        (train.task_limits, "ocr=0", "N >= 1"),
+        (train.task_limits, "cat=3", "unknown"),
+        (train.module_list, "mlp,lm_head", "unknown module"),
+    ):
         with pytest.raises(Exception, match=message):
             parser(bad)
 
 
 def test_a_stage_with_no_example_left_fails_with_a_clear_message(run, tmp_path):
     data, _, _, _ = run
-    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "align", "--data", str(data), "--tasks", "multi",
-            "--drop-answers", "yes,no", "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output",
-            str(tmp_path / "o")]
+    argv = [
+        "--init",
+        "tiny-aimv2",
+        "--micro",
+        "--stage",
+        "align",
+        "--data",
+        str(data),
+        "--tasks",
+        "multi",
+        "--drop-answers",
+        "yes,no",
+        "--num-threads",
+        "1",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(SystemExit, match=r"stage align: no training example left \(tasks \['multi'\]"):
         train.main(argv)
 
@@ -201,19 +308,29 @@ def test_a_stage_with_no_example_left_fails_with_a_clear_message(run, tmp_path):
 def test_vision_records_keep_labelled_vqa_images_and_their_first_named_shape_and_colour():
     def example(images, question, answer):
         content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": question}]
-        return {"messages": [{"role": "user", "content": content},
-                             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+        return {
+            "messages": [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ]
+        }
 
-    examples = [example(["a.png"], "what color is the shape?", "Teal"), example(["a.png"], "is it red?", "no"),
-                example(["b.png"], "is there a circle?", "yes"), example(["a.png"], "what shape?", "triangle "),
-                example(["c.png", "d.png"], "same shape?", "circle"), example(["e.png"], "what shape?", "circle")]
+    examples = [
+        example(["a.png"], "what color is the shape?", "Teal"),
+        example(["a.png"], "is it red?", "no"),
+        example(["b.png"], "is there a circle?", "yes"),
+        example(["a.png"], "what shape?", "triangle "),
+        example(["c.png", "d.png"], "same shape?", "circle"),
+        example(["e.png"], "what shape?", "circle"),
+    ]
     records = train.vision_records(examples, "vqa")
     assert [record["image"] for record in records] == ["a.png", "e.png"]
     shapes, colors = train.IMAGE_LABELS["shape"], train.IMAGE_LABELS["color"]
-    assert train.image_labels(records[0]["answers"]) == {"shape": shapes.index("triangle"),
-                                                         "color": colors.index("teal")}
-    assert train.image_labels(records[1]["answers"]) == {"shape": shapes.index("circle"),
-                                                         "color": train.IGNORE_INDEX}
+    assert train.image_labels(records[0]["answers"]) == {
+        "shape": shapes.index("triangle"),
+        "color": colors.index("teal"),
+    }
+    assert train.image_labels(records[1]["answers"]) == {"shape": shapes.index("circle"), "color": train.IGNORE_INDEX}
 
 
 def test_token_grid_follows_the_image_processors_resize_and_padding(tiny_repos):
@@ -246,8 +363,9 @@ def test_token_positions_are_row_major_centres_per_image():
     grids = torch.tensor([[4, 6], [2, 2]])  # patches: 2 x 3 and 1 x 1 visual tokens
     positions = train.token_positions(grids, 2)
     assert positions.shape == (6 + 1, 2)
-    torch.testing.assert_close(positions[:6], torch.tensor([[0.25, c / 6] for c in (1, 3, 5)]
-                                                           + [[0.75, c / 6] for c in (1, 3, 5)]))
+    torch.testing.assert_close(
+        positions[:6], torch.tensor([[0.25, c / 6] for c in (1, 3, 5)] + [[0.75, c / 6] for c in (1, 3, 5)])
+    )
     torch.testing.assert_close(positions[6], torch.tensor([0.5, 0.5]))
 
 
@@ -259,8 +377,11 @@ def test_position_head_exists_only_with_a_weight(tiny_repos):
     inputs = packed_inputs(model.config, [(6, 4), (2, 2)])
     tokens = int(inputs["image_grid_hw"].prod(-1).sum()) // heads.group
     targets = {name: torch.tensor([train.IGNORE_INDEX]) for name in train.IMAGE_LABELS}
-    targets |= {"chars": torch.full((tokens, train.CHAR_SLOTS), train.IGNORE_INDEX),
-                "element": torch.full((tokens,), train.IGNORE_INDEX), "box": torch.full((tokens, 4), -1.0)}
+    targets |= {
+        "chars": torch.full((tokens, train.CHAR_SLOTS), train.IGNORE_INDEX),
+        "element": torch.full((tokens,), train.IGNORE_INDEX),
+        "box": torch.full((tokens, 4), -1.0),
+    }
     out = heads(inputs["pixel_values"], inputs["image_grid_hw"], **targets)
     where = train.token_positions(inputs["image_grid_hw"], 2)
     torch.testing.assert_close(out["loss"], (out["position"] - where).abs().mean())
@@ -271,10 +392,12 @@ def dense_data(tmp_path_factory, tiny_repos):
     """Small ocr + gui data and its vision records and dataset."""
     data = tmp_path_factory.mktemp("dense") / "data"
     make_datasets.main(["--output", str(data), "--small", "--tasks", "ocr,gui"])
-    records = {task: train.vision_records(train.load_task_split(data, [task], "train", 0), task)
-               for task in ("ocr", "gui")}
-    dataset = train.VisionTargetDataset(records["ocr"] + records["gui"],
-                                        load_processor(tiny_repos["aimv2"]).image_processor)
+    records = {
+        task: train.vision_records(train.load_task_split(data, [task], "train", 0), task) for task in ("ocr", "gui")
+    }
+    dataset = train.VisionTargetDataset(
+        records["ocr"] + records["gui"], load_processor(tiny_repos["aimv2"]).image_processor
+    )
     return data, records, dataset
 
 
@@ -287,11 +410,17 @@ def test_ocr_targets_hold_every_character_once_in_reading_order(dense_data):
         held = [train.OCR_CHARS[c] for token in chars.tolist() for c in token if 0 <= c < train.NO_CHAR]
         assert sorted(held) == sorted(text)
         cols = int(item["image_grid_hw"][0, 1]) // 2
-        by_column = sorted((index % cols, slot, char) for index, token in enumerate(chars.tolist())
-                           for slot, char in enumerate(token) if 0 <= char < train.NO_CHAR)
-        assert "".join(train.OCR_CHARS[char] for _, _, char in by_column) == text or len(set(
-            index // cols for index, token in enumerate(chars.tolist()) if token[0] >= 0)) > 1  # one row: exact order
-        empty = (chars[:, 0] == train.IGNORE_INDEX)
+        by_column = sorted(
+            (index % cols, slot, char)
+            for index, token in enumerate(chars.tolist())
+            for slot, char in enumerate(token)
+            if 0 <= char < train.NO_CHAR
+        )
+        assert (
+            "".join(train.OCR_CHARS[char] for _, _, char in by_column) == text
+            or len(set(index // cols for index, token in enumerate(chars.tolist()) if token[0] >= 0)) > 1
+        )  # one row: exact order
+        empty = chars[:, 0] == train.IGNORE_INDEX
         assert (chars[empty] == train.IGNORE_INDEX).all() and not (chars[~empty] == train.IGNORE_INDEX).any()
         for name in ("shape", "color", "element"):
             assert (item[name] == train.IGNORE_INDEX).all()
@@ -328,10 +457,38 @@ def test_vision_warm_up_trains_only_the_encoder_and_projector(tmp_path):
     saved."""
     data, work = tmp_path / "data", tmp_path / "work"
     make_datasets.main(["--output", str(data), "--small", "--tasks", "vqa,ocr,gui"])
-    train.main(["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "vqa,ocr,gui", "--data",
-                str(data), "--val", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "2", "--num-threads", "1",
-                "--learning-rate", "1e-2", "--position-table", "sincos", "--position-loss-weight", "1",
-                "--work-dir", str(work), "--output", str(tmp_path / "out")])
+    train.main(
+        [
+            "--init",
+            "tiny-aimv2",
+            "--micro",
+            "--stage",
+            "vision",
+            "--vision-tasks",
+            "vqa,ocr,gui",
+            "--data",
+            str(data),
+            "--val",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-steps",
+            "2",
+            "--num-threads",
+            "1",
+            "--learning-rate",
+            "1e-2",
+            "--position-table",
+            "sincos",
+            "--position-loss-weight",
+            "1",
+            "--work-dir",
+            str(work),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     metrics = json.loads((work / "vision" / "model" / train.METRICS_NAME).read_text())
     assert metrics["trained_modules"] == ["vision_encoder", "mlp"] and metrics["tasks"] == ["vqa", "ocr", "gui"]
     assert metrics["global_step"] == 2 and metrics["final_eval_loss"] > 0
@@ -355,8 +512,23 @@ def test_vision_warm_up_without_labelled_images_fails_with_a_clear_message(tmp_p
     lines = (data / "vqa" / "train.jsonl").read_text().splitlines()
     yes_no = [line for line in lines if json.loads(line)["messages"][1]["content"] in ("yes", "no")]
     (data / "vqa" / "train.jsonl").write_text("\n".join(yes_no) + "\n")
-    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "vqa", "--data", str(data),
-            "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o")]
+    argv = [
+        "--init",
+        "tiny-aimv2",
+        "--micro",
+        "--stage",
+        "vision",
+        "--vision-tasks",
+        "vqa",
+        "--data",
+        str(data),
+        "--num-threads",
+        "1",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(SystemExit, match=r"stage vision: no labelled train image in \['vqa'\]"):
         train.main(argv)
 
@@ -368,8 +540,26 @@ def test_vision_warm_up_on_data_without_the_dense_meta_fails_with_a_clear_messag
     for line in lines:
         del line["meta"]["char_centers"]
     (data / "ocr" / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    argv = ["--init", "tiny-aimv2", "--micro", "--stage", "vision", "--vision-tasks", "ocr", "--data", str(data),
-            "--num-threads", "1", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match=rf"{len(lines)} of {len(lines)} ocr images lack the meta \['text', "
-                       r"'char_centers'\] .* regenerate the data"):
+    argv = [
+        "--init",
+        "tiny-aimv2",
+        "--micro",
+        "--stage",
+        "vision",
+        "--vision-tasks",
+        "ocr",
+        "--data",
+        str(data),
+        "--num-threads",
+        "1",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(
+        SystemExit,
+        match=rf"{len(lines)} of {len(lines)} ocr images lack the meta \['text', "
+        r"'char_centers'\] .* regenerate the data",
+    ):
         train.main(argv)
