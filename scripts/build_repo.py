@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = (
     "configuration_andesvl.py",
     "modeling_andesvl.py",
+    "adapters_andesvl.py",
+    "chat_andesvl.py",
     "image_processing_andesvl.py",
     "processing_andesvl.py",
     "quantization_andesvl.py",

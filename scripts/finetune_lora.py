@@ -291,7 +291,13 @@ class ChatCollator:
             size = len(example["input_ids"])
             input_ids[row, :size], labels[row, :size] = example["input_ids"], example["labels"]
             attention_mask[row, :size] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # labelled_logits_only: the model runs its 152k-wide head only where a label is set (same loss)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "labelled_logits_only": True,
+        }
         with_images = [example for example in examples if "pixel_values" in example]
         if with_images:
             batch["pixel_values"] = torch.cat([example["pixel_values"] for example in with_images])
@@ -391,7 +397,7 @@ def add_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 def predicted_tokens(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
     """Keep only the argmax of the eval logits (the full [B, S, vocab] tensors would pile up over the eval set)."""
     logits = logits[0] if isinstance(logits, tuple) else logits
-    if logits.dim() == 2:  # with labels the model returns logits of the labelled positions only: put them back
+    if logits.dim() == 2:  # labelled_logits_only: logits of the labelled positions only, put them back in place
         predictions = torch.full_like(labels, IGNORE_INDEX)
         predictions[:, :-1][labels[:, 1:] != IGNORE_INDEX] = logits.argmax(-1)
         return predictions

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import finetune_lora as ft
 import make_datasets
 import train
 from conftest import load_model, load_processor, packed_inputs
@@ -160,10 +161,14 @@ def labelled_batch(config, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
+    """By default `forward` keeps transformers' contract ([B, S, vocab] logits, the language model's loss); the
+    training tools' `labelled_logits_only=True` gives the same loss with logits at the labelled positions only."""
     model = load_model(tiny_repos["aimv2"], dtype=torch.float32)
     batch = labelled_batch(model.config)
+    vocab = model.config.text_config.vocab_size
     with torch.no_grad():
-        output = model(**batch)
+        default = model(**batch)
+        cheap = model(**batch, labelled_logits_only=True)
         inputs_embeds = model.get_input_embeddings()(batch["input_ids"])
         features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"])
         inputs_embeds = model.merge_image_features(batch["input_ids"], inputs_embeds, features)
@@ -171,11 +176,19 @@ def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
             inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
     selected = batch["labels"][:, 1:] != -100
-    assert torch.allclose(output.loss, full.loss, atol=1e-5, rtol=0)
-    assert output.logits.shape == (int(selected.sum()), model.config.text_config.vocab_size)
-    assert torch.allclose(output.logits, full.logits[:, :-1][selected].float(), atol=1e-5)
+    assert default.logits.shape == (*batch["input_ids"].shape, vocab)
+    assert torch.equal(default.logits, full.logits) and torch.equal(default.loss, full.loss)
+    assert torch.allclose(cheap.loss, full.loss, atol=1e-5, rtol=0)
+    assert cheap.logits.shape == (int(selected.sum()), vocab)
+    assert torch.allclose(cheap.logits, full.logits[:, :-1][selected].float(), atol=1e-5)
     without_labels = model(**{key: value for key, value in batch.items() if key != "labels"})
-    assert without_labels.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+    assert without_labels.logits.shape == (*batch["input_ids"].shape, vocab) and without_labels.loss is None
+
+
+def test_the_training_collator_asks_for_labelled_logits_only():
+    collator = ft.ChatCollator(pad_token_id=0)
+    batch = collator([{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])}])
+    assert batch["labelled_logits_only"] is True
 
 
 def test_resume_continues_an_interrupted_stage_from_its_last_checkpoint(run, tmp_path):
