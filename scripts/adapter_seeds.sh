@@ -13,6 +13,7 @@
 # train_tiny.sh. Measured on a 2-core CPU: 21 minutes of training per seed, 27 minutes of evaluation for seeds 0, 1, 2.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # the andesvl_tools package, run from this checkout
 if [ $# -lt 2 ]; then echo "usage: bash scripts/adapter_seeds.sh OUT SEED [SEED ...]" >&2; exit 2; fi
 if [ ! -d "$1" ]; then echo "OUT $1 is not a folder: run bash scripts/train_tiny.sh $1 first" >&2; exit 2; fi
 out="$(cd "$1" && pwd)"; shift
@@ -54,7 +55,7 @@ evaluate() {  # task split
   done
   local report="$reports/seeds_${split}_$task.json" log="$runs/eval-${split}_$task.log"
   if [ -f "$report" ]; then echo "eval ${split}_$task: done"; return; fi
-  "$py" "$root/scripts/evaluate.py" --model "$model" --data "$data" --split "$split" --tasks "$task" \
+  "$py" -m andesvl_tools.evaluate --model "$model" --data "$data" --split "$split" --tasks "$task" \
     --quantized-model "$out/AndesVL-Tiny-int4" --dtype float32 --device cpu --batch-size 8 --max-new-tokens 32 \
     "${args[@]}" --output "$report" > "$log" 2>&1 || { echo "eval ${split}_$task failed: see $log" >&2; return 1; }
   grep "McNemar" "$log"

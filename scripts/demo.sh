@@ -6,6 +6,7 @@
 # answer next to its ground truth.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # the andesvl_tools package, run from this checkout
 venv="$(bash "$root/scripts/setup_env.sh" "${ANDESVL_LINE:-tf5}" | tail -n 1)"
-"$venv/bin/python" "$root/scripts/demo.py" --model "$root/AndesVL-Tiny" \
+"$venv/bin/python" -m andesvl_tools.demo --model "$root/AndesVL-Tiny" \
   --examples "$root/assets/andesvl-tiny/examples.jsonl" --output "$root/outputs/demo.json" "$@"

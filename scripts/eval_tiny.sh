@@ -10,10 +10,11 @@
 # Each report also has one JSON per task beside it (test.vqa.json, ...). Greedy decoding in float32.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # the andesvl_tools package, run from this checkout
 out="${1:-$root/outputs/tiny}"
 model="${2:-$out/AndesVL-Tiny}"
 venv="$(bash "$root/scripts/setup_env.sh" "${ANDESVL_LINE:-tf5}" | tail -n 1)"
-evaluate=("$venv/bin/python" "$root/scripts/evaluate.py" --model "$model" --data "$out/datasets" --dtype float32
+evaluate=("$venv/bin/python" -m andesvl_tools.evaluate --model "$model" --data "$out/datasets" --dtype float32
           --device cpu --batch-size 8 --max-new-tokens 32)
 export OMP_NUM_THREADS=1  # tiny shapes: one thread is fastest
 "${evaluate[@]}" --output "$out/eval/test.json"

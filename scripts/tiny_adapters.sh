@@ -12,7 +12,7 @@ adapter() {  # name seed train-file eval-file steps [finetune_lora flags]
   if [ -f "$model/adapters/$name/adapter_model.safetensors" ]; then echo "adapters/$name: done"; return; fi
   local resume=()  # continue an interrupted run from its last checkpoint
   if compgen -G "$runs/adapter-$name/checkpoint-*" > /dev/null; then resume=(--resume); fi
-  "$py" "$root/scripts/finetune_lora.py" --model "$model" --name "$name" --dtype float32 --save-dtype bfloat16 \
+  "$py" -m andesvl_tools.finetune_lora --model "$model" --name "$name" --dtype float32 --save-dtype bfloat16 \
     --train-file "$train" --eval-file "$eval" --lora-dropout 0.0 --target-modules "$LM_TARGETS" \
     --learning-rate 1e-3 --warmup-steps 30 --max-steps "$steps" --per-device-batch-size 8 \
     --num-threads 1 --seed "$seed" --base-model-id AndesVL-Tiny --work-dir "$runs/adapter-$name" \

@@ -8,9 +8,10 @@
 # OUT/AndesVL-Tiny (bf16 repo folder with adapters/{ocr,gui,ocr-qalft-int4,gui-qalft-int4}) and
 # OUT/AndesVL-Tiny-int4 (quantize.py). Every step is seeded; a finished step is skipped when the script re-runs
 # (delete OUT to retrain from scratch: adapters of an older base are not retrained). Then scripts/eval_tiny.sh writes
-# the evaluation reports and scripts/ship_tiny.py copies the result into the repo (AndesVL-Tiny/).
+# the evaluation reports and andesvl_tools.ship_tiny copies the result into the repo (AndesVL-Tiny/).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # the andesvl_tools package, run from this checkout
 out="${1:-$root/outputs/tiny}"
 venv="$(bash "$root/scripts/setup_env.sh" "${ANDESVL_LINE:-tf5}" | tail -n 1)"
 py="$venv/bin/python"
@@ -23,7 +24,7 @@ source "$root/scripts/tiny_adapters.sh"  # adapter settings (LM_TARGETS, GROUP, 
 
 phase "data"
 if [ ! -f "$data/manifest.json" ]; then
-  "$py" "$root/scripts/make_datasets.py" --output "$data" --seed 0 --vqa-train-size all --ocr-train-size 16000
+  "$py" -m andesvl_tools.make_datasets --output "$data" --seed 0 --vqa-train-size all --ocr-train-size 16000
 fi
 for split in train val; do  # the OCR adapters learn from the numbers: held-out words use word pieces no answer taught
   if [ ! -f "$data/ocr/$split-numbers.jsonl" ]; then
@@ -48,19 +49,19 @@ done
 base=(--data "$data" --task-limit ocr=1000,gui=1000 --val --max-val-examples 200 --seed 0
       --num-threads 2 --resume --save-steps 500 --eval-steps 1000 --logging-steps 20)
 phase "base: vision warm-up (encoder + projector; shape/colour heads, per-token OCR character heads)"
-"$py" "$root/scripts/train.py" --init tiny-aimv2 --stage vision --vision-tasks vqa,ocr --max-steps 2000 \
+"$py" -m andesvl_tools.train --init tiny-aimv2 --stage vision --vision-tasks vqa,ocr --max-steps 2000 \
   --batch-size 32 --learning-rate 6e-4 --warmup-steps 50 --work-dir "$runs/base" --output "$runs/export-vision" \
   "${base[@]}" --task-limit ocr=4000,gui=1000
 phase "base: align (image-determined answers; text model)"
-"$py" "$root/scripts/train.py" --init "$runs/base/vision/model" --stage align --train-modules language_model \
+"$py" -m andesvl_tools.train --init "$runs/base/vision/model" --stage align --train-modules language_model \
   --tasks vqa --drop-answers yes,no --max-steps 1000 --batch-size 16 --learning-rate 3e-4 --warmup-steps 50 \
   --work-dir "$runs/base" --output "$runs/export-align" "${base[@]}"
 phase "base: pretrain (text model, all tasks)"
-"$py" "$root/scripts/train.py" --init "$runs/base/align/model" --stage pretrain --train-modules language_model \
+"$py" -m andesvl_tools.train --init "$runs/base/align/model" --stage pretrain --train-modules language_model \
   --max-steps 3000 --batch-size 8 --learning-rate 3e-4 --warmup-steps 100 --work-dir "$runs/base" \
   --output "$runs/export-pretrain" "${base[@]}"
 phase "base: sft (multi-task instruction tuning; text model)"
-"$py" "$root/scripts/train.py" --init "$runs/base/pretrain/model" --stage sft --train-modules language_model \
+"$py" -m andesvl_tools.train --init "$runs/base/pretrain/model" --stage sft --train-modules language_model \
   --max-steps 1000 --batch-size 8 --learning-rate 1e-4 --warmup-steps 30 --work-dir "$runs/base" --output "$model" \
   "${base[@]}"
 
@@ -68,7 +69,7 @@ adapter_pairs 0 ""  # scripts/tiny_adapters.sh
 
 phase "int4 base"
 if [ ! -f "$out/AndesVL-Tiny-int4/config.json" ]; then
-  "$py" "$root/scripts/quantize.py" --model "$model" --bits 4 --group-size "$GROUP" --output "$out/AndesVL-Tiny-int4"
+  "$py" -m andesvl_tools.quantize --model "$model" --bits 4 --group-size "$GROUP" --output "$out/AndesVL-Tiny-int4"
 fi
 phase "done: $model ($(du -shL "$model" | cut -f1))"
-echo "next: bash scripts/eval_tiny.sh $out   (reports), python scripts/ship_tiny.py --work $out   (into the repo)"
+echo "next: bash scripts/eval_tiny.sh $out   (reports), python -m andesvl_tools.ship_tiny --work $out   (into the repo)"

@@ -1,18 +1,16 @@
-"""Shared fixtures: tiny AndesVL repos built by `scripts/build_repo.py` in folders named like real Hub repos
+"""Shared fixtures: tiny AndesVL repos built by `andesvl_tools/build_repo.py` in folders named like real Hub repos
 (with a dot), loaded through the Auto classes with `trust_remote_code=True`, exactly as Hub users load them."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from andesvl_tools import build_repo  # the repo root is on sys.path by pyproject.toml's pytest `pythonpath`
 
-import build_repo  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE_TOKEN_ID = 151654
 TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])

@@ -266,7 +266,7 @@ def _hub_cache(adapter_repo, tmp_path) -> dict[str, str]:
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_CACHE": str(tmp_path / "hub"),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "scripts")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
     }
 
 

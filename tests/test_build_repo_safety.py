@@ -1,4 +1,4 @@
-"""`scripts/build_repo.py --weights W --output O` never destroys its input, and never leaves stale weights behind.
+"""`andesvl_tools/build_repo.py --weights W --output O` never destroys its input, and never leaves stale weights behind.
 
 Run: `.venv/tf5/bin/python -m pytest tests/test_build_repo_safety.py -q` (and the same with `.venv/tf4`).
 """

@@ -95,6 +95,7 @@ def test_remote_code_is_import_pure():
         "PIL",
         "numpy",
         "__future__",
+        "collections",
         "typing",
         "math",
         "base64",

@@ -1,4 +1,4 @@
-"""Tests of `scripts/make_datasets.py`: the four seeded offline data sets (vqa, ocr, gui, multi).
+"""Tests of `andesvl_tools/make_datasets.py`: the four seeded offline data sets (vqa, ocr, gui, multi).
 
 Run: `.venv/tf4/bin/python -m pytest tests/test_datasets.py -q` (and the same with `.venv/tf5`).
 """
@@ -17,17 +17,17 @@ import easy_vqa
 import numpy as np
 import pytest
 
-import finetune_lora as ft
-import make_datasets as md
+from andesvl_tools import finetune_lora as ft
+from andesvl_tools import make_datasets as md
 from conftest import ROOT, load_processor
 
-SCRIPT = ROOT / "scripts" / "make_datasets.py"
+MODULE = "andesvl_tools.make_datasets"
 BOX = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>")
 IMAGES_PER_EXAMPLE = {"vqa": 1, "ocr": 1, "gui": 1, "multi": 2}
 
 
 def run_cli(output: Path, *args: str) -> str:
-    command = [sys.executable, str(SCRIPT), "--output", str(output), *args]
+    command = [sys.executable, "-m", MODULE, "--output", str(output), *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py: box parsing, IoU, answer normalization, the scorers, and a smoke run of main() on a tiny random
+"""andesvl_tools/evaluate.py: box parsing, IoU, answer normalization, the scorers, and a smoke run of main() on a tiny
+random
 repo with a scenario adapter and an int4 copy, over make_datasets.py --small data for all four tasks.
 
 Run: `.venv/tf4/bin/python -m pytest tests/test_evaluate.py -q` (and the same with `.venv/tf5`).
@@ -12,9 +13,7 @@ import shutil
 import pytest
 from test_adapters import make_adapter
 
-import evaluate
-import make_datasets
-import quantize
+from andesvl_tools import evaluate, make_datasets, quantize
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Unit tests

@@ -1,4 +1,4 @@
-"""Scenario-adapter fine-tuning (`scripts/finetune_lora.py`) on a tiny random AIMv2 repo: data validation,
+"""Scenario-adapter fine-tuning (`andesvl_tools/finetune_lora.py`) on a tiny random AIMv2 repo: data validation,
 assistant-only labels, the collator, and short Trainer runs (smoke/overfit, QALFT, kill + resume); CPU, a few steps.
 
 Run: `.venv/tf4/bin/python -m pytest tests/test_finetune.py -q` (and the same with `.venv/tf5`).
@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-import finetune_lora as ft
+from andesvl_tools import finetune_lora as ft
 from conftest import IMAGE_TOKEN_ID, load_model, load_processor, packed_inputs, random_image
 
 NAME = "smoke"

@@ -1,4 +1,5 @@
-"""scripts/probe_tokens.py: the read-outs recover what is there and find nothing where nothing is; the CLI runs on a
+"""andesvl_tools/probe_tokens.py: the read-outs recover what is there and find nothing where nothing is; the CLI runs
+on a
 tiny random repo and small generated GUI data."""
 
 from __future__ import annotations
@@ -8,9 +9,7 @@ import json
 import pytest
 import torch
 
-import make_datasets
-import probe_tokens
-import train
+from andesvl_tools import make_datasets, probe_tokens, train
 
 
 def grid_tokens(rows: int, cols: int, width: int, seed: int, with_position: bool) -> dict[str, torch.Tensor]:

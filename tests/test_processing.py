@@ -1,5 +1,5 @@
 """Tests for `processing_andesvl.py` and `chat_template.jinja`: the processor loaded the way Hub users get it
-(`AutoProcessor`, `trust_remote_code=True`, from tiny repo folders built by `scripts/build_repo.py`).
+(`AutoProcessor`, `trust_remote_code=True`, from tiny repo folders built by `andesvl_tools/build_repo.py`).
 
 Run in both supported transformers lines (CPU only, offline):
     .venv/tf4/bin/python -m pytest tests/test_processing.py -q

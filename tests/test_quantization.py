@@ -1,4 +1,4 @@
-"""Weight-only quantization (`quantization_andesvl.py`, `scripts/quantize.py`) and QALFT's fake quantizer.
+"""Weight-only quantization (`quantization_andesvl.py`, `andesvl_tools/quantize.py`) and QALFT's fake quantizer.
 
 The quantized base of "1+N LoRA" must be bit-identical to what QALFT trains against, load through the Auto classes
 with zero missing/unexpected keys, and take plain peft LoRA adapters. Tiny random repos from conftest; CPU only.
@@ -17,8 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-import build_repo
-import quantize
+from andesvl_tools import build_repo, quantize
 from conftest import ROOT, load_model, packed_inputs
 
 _spec = importlib.util.spec_from_file_location("quantization_andesvl", ROOT / "quantization_andesvl.py")
@@ -55,7 +54,7 @@ def cached_model():
 
 @pytest.fixture(scope="module")
 def quantize_tiny(tiny_repos, tmp_path_factory):
-    """Run scripts/quantize.py once per (encoder, bits): returns (source folder, quantized folder, CLI report)."""
+    """Run andesvl_tools/quantize.py once per (encoder, bits): returns (source folder, quantized folder, CLI report)."""
     runs = {}
 
     def run(vision_type: str, bits: int):
@@ -158,7 +157,7 @@ def test_bad_specs_raise_clear_errors(tiny_repos, cached_model):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# scripts/quantize.py on tiny repos
+# andesvl_tools/quantize.py on tiny repos
 # ----------------------------------------------------------------------------------------------------------------------
 
 

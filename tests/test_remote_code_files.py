@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-import build_repo
+from andesvl_tools import build_repo
 from conftest import ROOT
 
 # file -> the sibling files it may import at run time (relative imports outside `if TYPE_CHECKING:`)

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-import chat
+from andesvl_tools import chat
 from conftest import ROOT, build_repo
 
 DEMO_IMAGE = ROOT / "assets" / "demo_shapes.png"
@@ -81,8 +81,9 @@ def test_build_repo_cli_requires_a_size(capsys):
 
 
 def test_benchmark_quick_smoke(tmp_path):
-    """Every section of scripts/benchmark.py runs and reports its ratios (tiny shapes; the numbers mean nothing)."""
-    import benchmark
+    """Every section of andesvl_tools/benchmark.py runs and reports its ratios (tiny shapes; the numbers mean
+    nothing)."""
+    from andesvl_tools import benchmark
 
     output = tmp_path / "bench.json"
     benchmark.main(["--quick", "--repeats", "1", "--decode-tokens", "4", "--output", str(output)])

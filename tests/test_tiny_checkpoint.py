@@ -1,8 +1,9 @@
 """The shipped AndesVL-Tiny (AndesVL-Tiny/): a complete folder within the size budget, loadable offline, and still
 reaching its recorded accuracies on the fixed held-out subset, with and without its scenario adapters.
 
-The subset is regenerated here by scripts/make_datasets.py (seeded; test examples do not depend on the other sizes)
-and scored by scripts/evaluate.py with the exact command recorded in `AndesVL-Tiny/eval/ci_subset.json`.
+The subset is regenerated here by andesvl_tools/make_datasets.py (seeded; test examples do not depend on the other
+sizes)
+and scored by andesvl_tools/evaluate.py with the exact command recorded in `AndesVL-Tiny/eval/ci_subset.json`.
 
 Run: `.venv/tf4/bin/python -m pytest tests/test_tiny_checkpoint.py -q` (and the same with `.venv/tf5`).
 """
@@ -14,8 +15,7 @@ import os
 
 import pytest
 
-import evaluate
-import make_datasets
+from andesvl_tools import evaluate, make_datasets
 from conftest import ROOT, load_model
 
 TINY = ROOT / "AndesVL-Tiny"
@@ -140,12 +140,12 @@ def test_each_adapter_changes_the_answers(ci_report):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The main command's job (scripts/demo.py) and the shipping step (scripts/ship_tiny.py)
+# The main command's job (andesvl_tools/demo.py) and the shipping step (andesvl_tools/ship_tiny.py)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def test_demo_answers_the_bundled_examples_swapping_adapters(tmp_path, capsys):
-    import demo
+    from andesvl_tools import demo
 
     results = demo.main(["--output", str(tmp_path / "demo.json")])
     assert [(r["task"], r["adapter"]) for r in results] == (
@@ -162,7 +162,7 @@ def test_demo_answers_the_bundled_examples_swapping_adapters(tmp_path, capsys):
 
 
 def test_demo_rejects_examples_without_an_adapter_field(tmp_path):
-    import demo
+    from andesvl_tools import demo
 
     lines = (ROOT / "assets" / "andesvl-tiny" / "examples.jsonl").read_text().splitlines()
     broken = [json.loads(line) for line in lines[:3]]
@@ -195,7 +195,7 @@ def fake_work(tiny_repos, tmp_path_factory):
 
 
 def test_ship_links_shared_files_and_copies_trained_ones(fake_work, tmp_path):
-    import ship_tiny
+    from andesvl_tools import ship_tiny
 
     output, demo_output = tmp_path / "AndesVL-Tiny", tmp_path / "demo"
     summary = ship_tiny.main(["--work", str(fake_work), "--output", str(output), "--demo-output", str(demo_output)])
@@ -226,7 +226,7 @@ def test_ship_links_shared_files_and_copies_trained_ones(fake_work, tmp_path):
 def test_ship_refuses_a_folder_whose_code_differs_from_the_root(fake_work, tmp_path):
     import shutil
 
-    import ship_tiny
+    from andesvl_tools import ship_tiny
 
     work = tmp_path / "work"
     shutil.copytree(fake_work, work, symlinks=True)

@@ -128,8 +128,8 @@ def test_side_files_agree(tokenizer_json):
 
 
 def test_build_script_config_matches_repo(tokenizer_config):
-    """scripts/build_tokenizer.py (stdlib only) still produces the committed tokenizer_config.json."""
-    spec = importlib.util.spec_from_file_location("build_tokenizer", ROOT / "scripts" / "build_tokenizer.py")
+    """andesvl_tools/build_tokenizer.py (stdlib only) still produces the committed tokenizer_config.json."""
+    spec = importlib.util.spec_from_file_location("build_tokenizer", ROOT / "andesvl_tools" / "build_tokenizer.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.build_tokenizer_config() == tokenizer_config

@@ -10,9 +10,7 @@ from __future__ import annotations
 import pytest
 from test_build_repo_safety import snapshot
 
-import folders
-import quantize
-import ship_tiny
+from andesvl_tools import folders, quantize, ship_tiny
 from conftest import ROOT
 
 
@@ -75,7 +73,7 @@ def test_ship_tiny_refuses_to_write_over_its_input_or_the_repo(tmp_path, where):
 
 @pytest.mark.parametrize("where", ["same", "containing"])
 def test_train_refuses_an_output_over_its_init_model(tmp_path, capsys, where):
-    import train
+    from andesvl_tools import train
 
     init = model_folder(tmp_path / "runs" / "pretrain")
     output = {"same": init, "containing": tmp_path / "runs"}[where]
@@ -113,7 +111,7 @@ def test_train_refuses_an_output_over_its_init_model(tmp_path, capsys, where):
 
 @pytest.mark.parametrize("where", ["same", "containing"])
 def test_finetune_refuses_an_adapter_folder_over_its_model(tmp_path, capsys, where):
-    import finetune_lora
+    from andesvl_tools import finetune_lora
 
     model = model_folder(tmp_path / "models" / "base")
     output = {"same": model, "containing": tmp_path / "models"}[where]

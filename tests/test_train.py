@@ -1,4 +1,4 @@
-"""Staged AndesVL training (`scripts/train.py`): a micro AndesVL-Tiny through align -> pretrain -> sft on
+"""Staged AndesVL training (`andesvl_tools/train.py`): a micro AndesVL-Tiny through align -> pretrain -> sft on
 `make_datasets.py --small` data of two tasks (a few CPU steps each), and the labelled-positions loss of the model.
 
 Run: `.venv/tf4/bin/python -m pytest tests/test_train.py -q` (and the same with `.venv/tf5`).
@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import finetune_lora as ft
-import make_datasets
-import train
+from andesvl_tools import finetune_lora as ft
+from andesvl_tools import make_datasets, train
 from conftest import load_model, load_processor, packed_inputs
 
 TASKS = "ocr,multi"

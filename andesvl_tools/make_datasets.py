@@ -1,8 +1,8 @@
 """Write the AndesVL-Tiny data sets: seeded, offline chat conversations (JSON Lines + PNG) for four tasks.
 
-    python scripts/make_datasets.py --output outputs/datasets                 # all four tasks, default sizes
-    python scripts/make_datasets.py --output /tmp/ds --small --seed 3         # a few examples per split (tests)
-    python scripts/make_datasets.py --output /tmp/ds --tasks ocr,gui --train-size 8000 --gui-test-size 1000
+    python -m andesvl_tools.make_datasets --output outputs/datasets                 # all four tasks, default sizes
+    python -m andesvl_tools.make_datasets --output /tmp/ds --small --seed 3         # a few examples per split (tests)
+    python -m andesvl_tools.make_datasets --output /tmp/ds --tasks ocr,gui --train-size 8000 --gui-test-size 1000
 
 Tasks (each with disjoint `train`, `val` and `test` splits):
 
@@ -22,7 +22,7 @@ Tasks (each with disjoint `train`, `val` and `test` splits):
 
 Layout: `<out>/<task>/<split>.jsonl`, images under `<out>/<task>/images/<split>/`, and `<out>/manifest.json` (seed,
 sizes, package versions, sha256 of every JSONL; it describes the tasks of the last run). Each line has the
-`scripts/finetune_lora.py` format,
+`andesvl_tools/finetune_lora.py` format,
 `{"messages": [{"role": "user", "content": [{"type": "image", "path": "images/train/000000.png"},
 {"type": "text", "text": ...}]}, {"role": "assistant", "content": ...}], "meta": {...}}` (image paths relative to
 the JSONL's folder; `meta` holds the ground truth, e.g. the GUI pixel box, which the chat trainer ignores; OCR
@@ -1275,7 +1275,12 @@ def write_datasets(output: Path, seed: int, sizes: dict[str, dict[str, int | str
             if not overwrite:
                 raise SystemExit(f"{output / task} exists; pass --overwrite to replace it")
             shutil.rmtree(output / task)
-    manifest = {"generator": "scripts/make_datasets.py", "seed": seed, "packages": package_versions(), "tasks": {}}
+    manifest = {
+        "generator": "andesvl_tools/make_datasets.py",
+        "seed": seed,
+        "packages": package_versions(),
+        "tasks": {},
+    }
     for task in sizes:
         started = time.perf_counter()
         manifest["tasks"][task] = WRITERS[task](output / task, seed, sizes[task])

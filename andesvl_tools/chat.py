@@ -1,8 +1,8 @@
 """Ask an AndesVL model a question about one or more images, through the Auto classes (as Hub users do).
 
-python scripts/chat.py --model OPPOer/AndesVL-4B-Instruct --image cat.png "What is in the picture?"
-python scripts/chat.py --model ./AndesVL-0.6B --image a.png --image b.png --thinking --stream "Compare them."
-python scripts/chat.py --model ./AndesVL-1B --adapter ocr --image receipt.png "Read the total."
+python -m andesvl_tools.chat --model OPPOer/AndesVL-4B-Instruct --image cat.png "What is in the picture?"
+python -m andesvl_tools.chat --model ./AndesVL-0.6B --image a.png --image b.png --thinking --stream "Compare them."
+python -m andesvl_tools.chat --model ./AndesVL-1B --adapter ocr --image receipt.png "Read the total."
 """
 
 from __future__ import annotations

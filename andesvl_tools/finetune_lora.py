@@ -1,10 +1,11 @@
 """Train ONE AndesVL scenario LoRA adapter (the "N" of "1+N") from chat conversations with images.
 
-    python scripts/finetune_lora.py --model out/AndesVL-1B-Instruct --name ocr --train-file data/ocr/train.jsonl \\
-        --eval-fraction 0.05 --max-steps 2000 --per-device-batch-size 8 --bf16 --work-dir runs/ocr
-    python scripts/finetune_lora.py ... --qalft int4          # train against the int4 base that gets deployed
-    python scripts/finetune_lora.py ... --resume              # continue from the last checkpoint in --work-dir
-    accelerate launch --num_processes 8 scripts/finetune_lora.py ...     # or torchrun: the Trainer does the rest
+    python -m andesvl_tools.finetune_lora --model out/AndesVL-1B-Instruct --name ocr \\
+        --train-file data/ocr/train.jsonl --eval-fraction 0.05 --max-steps 2000 --per-device-batch-size 8 --bf16 \\
+        --work-dir runs/ocr
+    python -m andesvl_tools.finetune_lora ... --qalft int4          # train against the int4 base that gets deployed
+    python -m andesvl_tools.finetune_lora ... --resume              # continue from the last checkpoint in --work-dir
+    accelerate launch --num_processes 8 andesvl_tools/finetune_lora.py ...     # or torchrun: the Trainer does the rest
 
 Data: JSON Lines, one conversation per line (blank lines are skipped):
 
@@ -30,7 +31,8 @@ language model's projections (the model's `default_lora_target_modules`), plus t
 `--train-projector` (`modules_to_save`), plus the embedding rows of the tokens the training answers use with
 `--train-answer-tokens` (peft `trainable_token_indices`; with tied embeddings the output rows follow).
 `--qalft int4|int8` (quantization-aware LoRA fine-tuning) makes every linear
-layer that `scripts/quantize.py` would quantize compute with `fake_quantize(weight)`, the exact weights of the deployed
+layer that `andesvl_tools/quantize.py` would quantize compute with `fake_quantize(weight)`, the exact weights of the
+deployed
 quantized base, so the adapter is trained against the base it will run on.
 
 Outputs: checkpoints every `--save-steps` in `--work-dir` (with `args.json`); the adapter in `--output-dir` (default
@@ -53,8 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from folders import overlap_error  # sibling script: refuse outputs that would overwrite the model
-from quantize import quantization_module  # sibling script: the deployed quantizer's module
+from .folders import overlap_error  # sibling script: refuse outputs that would overwrite the model
+from .quantize import quantization_module  # sibling script: the deployed quantizer's module
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -424,7 +426,7 @@ def trainer_arguments(
     has_eval: bool,
     **extra: Any,
 ):
-    """`TrainingArguments` shared with scripts/train.py; `args` supplies the flags both scripts name alike."""
+    """`TrainingArguments` shared with andesvl_tools/train.py; `args` supplies the flags both scripts name alike."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -650,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="base weights dtype (auto: the checkpoint's, as scripts/quantize.py loads it)",
+        help="base weights dtype (auto: the checkpoint's, as andesvl_tools/quantize.py loads it)",
     )
     model.add_argument(
         "--save-dtype",

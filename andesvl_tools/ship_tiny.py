@@ -1,6 +1,6 @@
 """Copy a trained AndesVL-Tiny (scripts/train_tiny.sh) into the repo as the embedded default, with its demo examples.
 
-    python scripts/ship_tiny.py --work outputs/tiny --output AndesVL-Tiny --demo-output assets/andesvl-tiny
+    python -m andesvl_tools.ship_tiny --work outputs/tiny --output AndesVL-Tiny --demo-output assets/andesvl-tiny
 
 Writes `--output` as a complete, loadable repo folder:
 - the trained weights, `config.json`, `generation_config.json`, and `adapters/<name>/` (adapter weights and config,
@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from folders import staged_folder
+from .folders import staged_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("config.json", "generation_config.json", "model.safetensors")
@@ -45,7 +45,7 @@ packages (easy-vqa, captcha fonts, synthetic phone screens). It is a demonstrati
 path of the official sizes; it is not a substitute for the official AndesVL weights.
 
 Adapters (`adapters/`): {adapters}. A name ending in `-qalft-int4` was trained with QALFT against the
-int4-quantized base (`scripts/quantize.py --bits 4 --group-size 16`); the others are plain LoRA for this float
+int4-quantized base (`andesvl_tools/quantize.py --bits 4 --group-size 16`); the others are plain LoRA for this float
 base. All four are LoRA on the text model's linears only, so every loading path serves them (peft's integrated API,
 mixed batches, hot-swap). Data, recipe and the evaluation tables: the repository's `docs/andesvl-tiny.md`; the
 recorded accuracies are in `eval/`, the training curves in `training/`.
@@ -112,7 +112,7 @@ def copy_training_and_eval(work: Path, output: Path) -> None:
             shutil.copy2(stage_model / file, output / "training" / stage / file)
     reports = sorted((work / "eval").glob("*.json"))
     if not reports:
-        raise SystemExit(f"no evaluation report under {work / 'eval'}: run scripts/evaluate.py first")
+        raise SystemExit(f"no evaluation report under {work / 'eval'}: run andesvl_tools/evaluate.py first")
     (output / "eval").mkdir()
     for report in reports:
         shutil.copy2(report, output / "eval" / report.name)

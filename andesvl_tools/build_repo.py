@@ -1,9 +1,10 @@
 """Assemble a complete AndesVL Hub repo folder for one size, optionally next to official weights.
 
-    python scripts/build_repo.py --size 0.6B --output out/AndesVL-0.6B-Instruct \
+    python -m andesvl_tools.build_repo --size 0.6B --output out/AndesVL-0.6B-Instruct \
         --weights /path/to/OPPOer/AndesVL-0.6B-Instruct
-    python scripts/build_repo.py --size 4B --output .                 # regenerate the JSON files of this repo root
-    python scripts/build_repo.py --tiny aimv2 --output /tmp/AndesVL-tiny  # a tiny random model (tests, demo)
+    python -m andesvl_tools.build_repo --size 4B --output .                 # regenerate the JSON files of this repo
+    root
+    python -m andesvl_tools.build_repo --tiny aimv2 --output /tmp/AndesVL-tiny  # a tiny random model (tests, demo)
 
 The folder gets the remote code, `config.json` (official field set, with `auto_map`), `generation_config.json`,
 `preprocessor_config.json` and `processor_config.json` for the size's encoder, the tokenizer files, the chat

@@ -18,9 +18,9 @@ holds every raw sample, the medians and the ratios. The AndesVL classes are load
 load remote code (`get_class_from_dynamic_module`).
 
 Usage:
-    python scripts/benchmark.py                       # full run: ~4 min on 2 idle cores (longer when shared)
-    python scripts/benchmark.py --quick --output /tmp/bench.json          # tiny-model smoke test (< 30 s)
-    python scripts/benchmark.py --sections vision --repeats 5 --threads 4
+    python -m andesvl_tools.benchmark                       # full run: ~4 min on 2 idle cores (longer when shared)
+    python -m andesvl_tools.benchmark --quick --output /tmp/bench.json          # tiny-model smoke test (< 30 s)
+    python -m andesvl_tools.benchmark --sections vision --repeats 5 --threads 4
 """
 
 from __future__ import annotations
@@ -606,7 +606,7 @@ def time_adapters(args: argparse.Namespace) -> dict[str, Any]:
 
 def save_loadable(model: torch.nn.Module, folder: Path) -> None:
     """save_pretrained plus the remote code and auto_map, so the Auto classes can load the folder."""
-    import build_repo  # sibling script: the repo's list of remote-code files and its auto_map
+    from . import build_repo  # sibling script: the repo's list of remote-code files and its auto_map
 
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())

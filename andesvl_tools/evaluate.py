@@ -1,11 +1,12 @@
 """Evaluate an AndesVL repo (base, scenario adapters, int4 base) on the make_datasets.py tasks; write a JSON report.
 
-    python scripts/evaluate.py --model out/AndesVL-1B-Instruct --data outputs/datasets --tasks vqa,ocr,gui \\
+    python -m andesvl_tools.evaluate --model out/AndesVL-1B-Instruct --data outputs/datasets --tasks vqa,ocr,gui \\
         --limit vqa=300,ocr=100,gui=100 --adapter ocr --adapter gui --output outputs/eval/report.json
-    python scripts/evaluate.py --model out/AndesVL-1B-Instruct --data outputs/datasets --limit 100 \\
+    python -m andesvl_tools.evaluate --model out/AndesVL-1B-Instruct --data outputs/datasets --limit 100 \\
         --adapter ocr --quantized-model out/AndesVL-1B-Instruct-int4      # + "int4 base" and "int4 base + adapter:ocr"
 
-Data: `<data>/<task>/<split>.jsonl` written by `scripts/make_datasets.py`, read with `scripts/finetune_lora.py`'s
+Data: `<data>/<task>/<split>.jsonl` written by `andesvl_tools/make_datasets.py`, read with
+`andesvl_tools/finetune_lora.py`'s
 loader; `--limit` takes the first N lines of each task (one N for all tasks, or `task=N,...`). The prompt is every
 message before the last assistant turn, rendered with `processor.apply_chat_template(..., add_generation_prompt=True)`;
 that assistant turn is the target. Decoding is greedy, in left-padded batches (`padding=True`), special tokens
@@ -42,7 +43,6 @@ import json
 import math
 import re
 import string
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,9 +50,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_lora import image_paths, load_jsonl, load_processor
-from make_datasets import TASKS, task_list
+from .finetune_lora import image_paths, load_jsonl, load_processor
+from .make_datasets import TASKS, task_list
 
 SPLITS = ("test", "val")
 KEPT_EXAMPLES = 5  # predictions kept per row and task in the report
@@ -520,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="scenario adapter under <model>/adapters/ (repeatable)",
     )
-    parser.add_argument("--quantized-model", type=Path, help="int4 base folder from scripts/quantize.py")
+    parser.add_argument("--quantized-model", type=Path, help="int4 base folder from andesvl_tools/quantize.py")
     parser.add_argument(
         "--compare",
         nargs=2,

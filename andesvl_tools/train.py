@@ -1,11 +1,12 @@
 """Train a small AndesVL end to end on offline data, staged like the AndesVL paper, with the transformers `Trainer`.
 
-    python scripts/make_datasets.py --output outputs/datasets
-    python scripts/train.py --init tiny-aimv2 --data outputs/datasets --stages align,pretrain,sft --val \\
+    python -m andesvl_tools.make_datasets --output outputs/datasets
+    python -m andesvl_tools.train --init tiny-aimv2 --data outputs/datasets --stages align,pretrain,sft --val \\
         --max-steps 500 --batch-size 8 --work-dir runs/tiny --output out/AndesVL-Tiny
-    python scripts/train.py ... --resume                  # continue from the last checkpoint (finished stages skip)
-    python scripts/train.py --init out/AndesVL-Tiny --stage sft --data ... --work-dir runs/sft2 --output out/sft2
-    accelerate launch --num_processes 8 scripts/train.py ...   # or torchrun: the Trainer does the rest
+    python -m andesvl_tools.train ... --resume                  # continue from the last checkpoint (finished stages
+    skip)
+    python -m andesvl_tools.train --init out/AndesVL-Tiny --stage sft --data ... --work-dir runs/sft2 --output out/sft2
+    accelerate launch --num_processes 8 andesvl_tools/train.py ...   # or torchrun: the Trainer does the rest
 
 Model: `--init tiny-aimv2` builds a fresh, seeded AndesVL-Tiny from `TINY_DEMO` (AIMv2-type encoder, hidden 128,
 4 layers, 4 heads, patch 14, 16x16 position grid; Qwen3 text, hidden 80, 4 layers, 4 heads / 2 KV heads, head_dim 32,
@@ -36,7 +37,8 @@ model alone, the from-scratch encoder learned colour but not shape (39% after 1,
 and never learned to read: the base and its adapters answered every GUI question with one constant box and got no
 OCR answer right. With image-level labels only, the warm-up fixed shape (easy-vqa 78.5% -> 92.0%) but not reading.
 
-Every other stage tokenizes with `scripts/finetune_lora.py`'s `ChatEncoder` (the inference-time chat template, labels on
+Every other stage tokenizes with `andesvl_tools/finetune_lora.py`'s `ChatEncoder` (the inference-time chat template,
+labels on
 assistant content and `<|im_end|>` only) and its collator. The stages differ by trainable modules, learning rate and
 task mix (`--align-tasks`, `--pretrain-tasks`, `--sft-tasks` override `--tasks`): the concatenated `train.jsonl` of
 the tasks, shuffled with `--seed`. `--val` evaluates the loss on the tasks' `val.jsonl` every `--eval-steps`.
@@ -58,7 +60,6 @@ import json
 import random
 import shutil
 import string
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +67,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import build_repo
-import finetune_lora as ft
-from evaluate import box_intersection, text_of
-from folders import overlap_error
-from make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS
+from . import build_repo
+from . import finetune_lora as ft
+from .evaluate import box_intersection, text_of
+from .folders import overlap_error
+from .make_datasets import BUTTON_LABELS, ROW_LABELS, SHAPE_COLORS, SHAPES, TASKS
 
 STAGE_NAMES = ("vision", "align", "pretrain", "sft")
 ALL_MODULES = ("vision_encoder", "mlp", "language_model")
@@ -193,7 +192,7 @@ def check_dense_meta(records: list[dict], task: str, keys: tuple[str, ...]) -> N
     if missing:
         raise SystemExit(
             f"stage vision: {len(missing)} of {len(records)} {task} images lack the meta {list(keys)} "
-            f"(first: {missing[0]}); regenerate the data with scripts/make_datasets.py"
+            f"(first: {missing[0]}); regenerate the data with andesvl_tools/make_datasets.py"
         )
 
 
@@ -823,7 +822,7 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--save-dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of --output weights")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, required=True, help="output folder of scripts/make_datasets.py")
+    data.add_argument("--data", type=Path, required=True, help="output folder of andesvl_tools/make_datasets.py")
     data.add_argument("--tasks", type=task_list, default=list(TASKS), help="tasks of every stage")
     data.add_argument(
         "--vision-tasks",

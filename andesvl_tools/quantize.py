@@ -1,7 +1,7 @@
 """Quantize the language model of an AndesVL folder (weight-only int4/int8) into a complete, loadable repo folder.
 
-    python scripts/quantize.py --model out/AndesVL-1B-Instruct --output out/AndesVL-1B-Instruct-int4 --bits 4
-    python scripts/quantize.py --model /tmp/AndesVL-tiny --output /tmp/AndesVL-tiny-int8 --bits 8 --group-size 32
+    python -m andesvl_tools.quantize --model out/AndesVL-1B-Instruct --output out/AndesVL-1B-Instruct-int4 --bits 4
+    python -m andesvl_tools.quantize --model /tmp/AndesVL-tiny --output /tmp/AndesVL-tiny-int8 --bits 8 --group-size 32
 
 The float model is loaded with the Auto classes (`trust_remote_code=True`, checkpoint dtype) and quantized with the
 source folder's own `quantization_andesvl.py`, so the code that produced the codes is the code shipped to dequantize
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from folders import staged_folder
+from .folders import staged_folder
 
 REPORT_NAME = "quantization_report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -59,7 +59,8 @@ def quantization_module(model) -> Any:
     if not hasattr(modeling, "replace_linear_with_quantized"):
         raise ValueError(
             f"The remote code of this folder ({modeling.__file__}) cannot load quantized weights (no "
-            "`replace_linear_with_quantized` in modeling_andesvl.py); rebuild the folder with scripts/build_repo.py."
+            "`replace_linear_with_quantized` in modeling_andesvl.py); rebuild the folder with "
+            "python -m andesvl_tools.build_repo."
         )
     return importlib.import_module(f"{package}.quantization_andesvl")
 

@@ -1,6 +1,6 @@
-"""What an AndesVL model's visual tokens carry: linear read-outs on the GUI screens of `scripts/make_datasets.py`.
+"""What an AndesVL model's visual tokens carry: linear read-outs on the GUI screens of `andesvl_tools/make_datasets.py`.
 
-    python scripts/probe_tokens.py --model AndesVL-Tiny --data outputs/tiny/datasets --output probe.json
+    python -m andesvl_tools.probe_tokens --model AndesVL-Tiny --data outputs/tiny/datasets --output probe.json
 
 Both probes read the visual tokens as the language model sees them (`get_image_features`: encoder, 2x2 merge,
 projector), one GUI screen at a time, and fit on some screens and score on others:
@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import finetune_lora as ft
-import train
+from . import finetune_lora as ft
+from . import train
 
 
 def load(model_dir: str):
@@ -45,7 +42,7 @@ def gui_screens(data: Path, split: str, count: int) -> list[dict]:
     validated lines, resolved image paths, the generator's meta checked)."""
     path = data / "gui" / f"{split}.jsonl"
     if not path.is_file():
-        raise SystemExit(f"no GUI split at {path}: generate it with scripts/make_datasets.py --tasks gui")
+        raise SystemExit(f"no GUI split at {path}: generate it with andesvl_tools/make_datasets.py --tasks gui")
     records = train.vision_records(ft.load_jsonl(path), "gui")
     if len(records) < count:
         raise SystemExit(f"{path} has {len(records)} screens, fewer than the {count} asked for")

@@ -1,31 +1,29 @@
 """Ask the shipped AndesVL-Tiny about bundled held-out test images; swap its scenario adapters at runtime with peft.
 
-    python scripts/demo.py                                   # AndesVL-Tiny/ on assets/andesvl-tiny/examples.jsonl
-    python scripts/demo.py --model outputs/tiny/AndesVL-Tiny --output outputs/demo.json
+    python -m andesvl_tools.demo                                   # AndesVL-Tiny/ on assets/andesvl-tiny/examples.jsonl
+    python -m andesvl_tools.demo --model outputs/tiny/AndesVL-Tiny --output outputs/demo.json
 
 The model and processor load the way Hub users load them (`AutoModelForImageTextToText` / `AutoProcessor` with
 `trust_remote_code=True`, from a local folder: no download). Each line of `--examples` is a conversation in the
-`scripts/make_datasets.py` format plus `"adapter"`: null (the base) or the name of a scenario adapter under
+`andesvl_tools/make_datasets.py` format plus `"adapter"`: null (the base) or the name of a scenario adapter under
 `<model>/adapters/`. Lines run in file order; the first use of an adapter loads it (`model.load_scenario_adapter`,
 peft through transformers' `load_adapter`), a later one switches to it (`set_adapter`), and `null` turns adapters
 off again (`disable_adapters`). Every answer is printed next to the ground truth and scored like
-`scripts/evaluate.py` (exact answer, exact text, box IoU >= 0.5, yes/no).
+`andesvl_tools/evaluate.py` (exact answer, exact text, box IoU >= 0.5, yes/no).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import SCORERS, generate_batch, generation_config, to_prompt_and_target
-from finetune_lora import load_jsonl
+from .evaluate import SCORERS, generate_batch, generation_config, to_prompt_and_target
+from .finetune_lora import load_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 

