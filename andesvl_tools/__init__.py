@@ -12,5 +12,5 @@ model and processor the way users do, through transformers' Auto classes.
     make_datasets  the offline AndesVL-Tiny data sets
     chat, demo     command-line chat; the quick-start demo
     benchmark      speed and memory ratios, measured side by side
-    build_tokenizer, ship_tiny, probe_tokens, folders   maintenance and the AndesVL-Tiny recipe's helpers
+    build_tokenizer, ship_tiny, folders   maintenance and the AndesVL-Tiny recipe's helpers
 """

@@ -415,32 +415,24 @@ def token_accuracy(prediction) -> dict[str, float]:
 
 
 def trainer_arguments(
-    args: argparse.Namespace,
-    *,
-    output_dir: Path,
-    batch_size: int,
-    gradient_accumulation_steps: int,
-    learning_rate: float,
-    max_grad_norm: float,
-    num_epochs: float,
-    has_eval: bool,
-    **extra: Any,
+    args: argparse.Namespace, *, output_dir: Path, has_eval: bool, learning_rate: float | None = None, **extra: Any
 ):
-    """`TrainingArguments` shared with andesvl_tools/train.py; `args` supplies the flags both scripts name alike."""
+    """`TrainingArguments` from the shared training flags (`add_trainer_flags`), for adapters and the base stages
+    (andesvl_tools/train.py passes each stage's learning rate)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
+        per_device_train_batch_size=args.per_device_batch_size,
+        per_device_eval_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate if learning_rate is None else learning_rate,
         weight_decay=args.weight_decay,
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_steps,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=args.max_grad_norm,
         max_steps=args.max_steps,
-        num_train_epochs=num_epochs,
+        num_train_epochs=args.num_epochs,
         bf16=args.bf16,
         logging_steps=args.logging_steps,
         logging_first_step=True,
@@ -456,21 +448,8 @@ def trainer_arguments(
         label_names=["labels"],  # PeftModel.forward(*args, **kwargs) hides `labels` from the Trainer's detection
         report_to=args.report_to,
         disable_tqdm=False,
-        **extra,
-    )
-
-
-def training_arguments(args: argparse.Namespace, has_eval: bool):
-    return trainer_arguments(
-        args,
-        output_dir=args.work_dir,
-        batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        max_grad_norm=args.max_grad_norm,
-        num_epochs=args.num_epochs,
-        has_eval=has_eval,
         **checkpointing_arguments(args.gradient_checkpointing),
+        **extra,
     )
 
 
@@ -484,17 +463,19 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def build_trainer(model, training_args, train_set, eval_set, collator, callbacks):
+def build_trainer(model, training_args, train_set, eval_set, collator, callbacks=(), token_metrics: bool = True):
+    """The transformers `Trainer` of adapters and base stages; `token_metrics`: next-token accuracy on the eval set."""
     from transformers import Trainer
 
+    metrics = token_metrics and eval_set is not None
     return Trainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        compute_metrics=token_accuracy if eval_set is not None else None,
-        preprocess_logits_for_metrics=predicted_tokens if eval_set is not None else None,
+        compute_metrics=token_accuracy if metrics else None,
+        preprocess_logits_for_metrics=predicted_tokens if metrics else None,
         callbacks=list(callbacks),
     )
 
@@ -698,8 +679,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--qalft-modules", help="regex of the quantized linears (default: the quantizer's, as quantize.py uses)"
     )
 
+    add_trainer_flags(parser)
+    parser.add_argument("--work-dir", type=Path, help="checkpoints and args.json (default: outputs/finetune-<name>)")
+    return parser
+
+
+def add_trainer_flags(parser: argparse.ArgumentParser) -> None:
+    """The training, checkpoint and logging flags of both trainers (adapters here, base stages in train.py; a script
+    changes a default with `parser.set_defaults`)."""
     train = parser.add_argument_group("training")
-    train.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate")
+    train.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (train.py: per stage)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     train.add_argument("--lr-scheduler", default="cosine", help="scheduler name: cosine, linear, constant, ...")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
@@ -711,18 +700,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs with bf16 support)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     train.add_argument("--dataloader-workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order, eval split and dropout")
-    train.add_argument("--num-threads", type=int, help="torch intra-op CPU threads (default: torch's)")
-
+    train.add_argument("--seed", type=int, default=0, help="seed of the init, data order, eval split and dropout")
+    train.add_argument(
+        "--num-threads",
+        type=int,
+        help="torch intra-op CPU threads (default: torch's; on a busy 2-core CPU, 1 can be far faster)",
+    )
     run = parser.add_argument_group("checkpoints and logging")
-    run.add_argument("--work-dir", type=Path, help="checkpoints and args.json (default: outputs/finetune-<name>)")
     run.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
     run.add_argument("--save-total-limit", type=int, default=3, help="keep the last N checkpoints")
     run.add_argument("--eval-steps", type=int, default=200, help="evaluate every N steps (and at the end)")
     run.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --work-dir")
     run.add_argument("--report-to", default="none", help="Trainer integrations (none, tensorboard, wandb, ...)")
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -763,7 +753,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict[str, Any]
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     train_examples, eval_examples = load_splits(args)  # before the model: bad data fails in seconds
-    training_args = training_arguments(args, has_eval=bool(eval_examples))
+    training_args = trainer_arguments(args, output_dir=args.work_dir, has_eval=bool(eval_examples))
     checkpoint = resume_checkpoint(args)
     set_seed(args.seed)
     processor = load_processor(args.model)

@@ -2,7 +2,7 @@
 
     python -m andesvl_tools.make_datasets --output outputs/datasets
     python -m andesvl_tools.train --init tiny-aimv2 --data outputs/datasets --stages align,pretrain,sft --val \\
-        --max-steps 500 --batch-size 8 --work-dir runs/tiny --output out/AndesVL-Tiny
+        --max-steps 500 --per-device-batch-size 8 --work-dir runs/tiny --output out/AndesVL-Tiny
     python -m andesvl_tools.train ... --resume                  # continue from the last checkpoint (finished stages
     skip)
     python -m andesvl_tools.train --init out/AndesVL-Tiny --stage sft --data ... --work-dir runs/sft2 --output out/sft2
@@ -534,12 +534,8 @@ def training_arguments(args: argparse.Namespace, stage: str, output_dir: Path, h
     return ft.trainer_arguments(
         args,
         output_dir=output_dir,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.learning_rate or STAGES[stage].learning_rate,
-        max_grad_norm=1.0,
-        num_epochs=args.epochs,
         has_eval=has_eval,
+        learning_rate=args.learning_rate or STAGES[stage].learning_rate,
         prediction_loss_only=True,  # eval loss only: no logits piled up over the eval set
     )
 
@@ -554,14 +550,6 @@ def last_checkpoint(folder: Path, resume: bool) -> str | None:
             f"{folder} already holds checkpoints ({Path(last).name}); pass --resume or use a new --work-dir."
         )
     return last
-
-
-def build_trainer(model, training_args, train_set, eval_set, collator):
-    from transformers import Trainer
-
-    return Trainer(
-        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -707,7 +695,7 @@ def run_stage(args: argparse.Namespace, stage: str, source: Path) -> Path:
         training_args.label_names = list(VISION_TARGETS)  # so the eval loop computes the loss
     else:
         trained, collator = model, ft.ChatCollator(processor.tokenizer.pad_token_id)
-    trainer = build_trainer(trained, training_args, train_set, eval_set, collator)
+    trainer = ft.build_trainer(trained, training_args, train_set, eval_set, collator, token_metrics=False)
     print(
         f"== stage {stage}: trains {stage_modules(args, stage)} ({sum(counts.values()):,} parameters), "
         f"{sizes[0]} train / {sizes[1]} val examples, from {source}"
@@ -864,33 +852,13 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    train = parser.add_argument_group("training")
-    train.add_argument("--learning-rate", type=float, help="peak LR of every stage (default: the stage table's)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    train.add_argument("--lr-scheduler", default="cosine", help="cosine, linear, constant, ...")
-    train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps of every stage")
-    train.add_argument("--batch-size", type=int, default=8, help="conversations per device and micro-batch")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps per stage (overrides --epochs)")
-    train.add_argument("--epochs", type=float, default=1.0, help="epochs per stage when --max-steps is not set")
-    train.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs with bf16 support)")
-    train.add_argument("--dataloader-workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--seed", type=int, default=0, help="seed of the init, data order and dropout")
-    train.add_argument(
-        "--num-threads",
-        type=int,
-        help="torch intra-op CPU threads (default: torch's; on a busy "
-        "2-core CPU, 1 can be an order of magnitude faster)",
-    )
-    run = parser.add_argument_group("checkpoints, logging, outputs")
+    """finetune_lora's training, checkpoint and logging flags (one set for both trainers), with the base stages'
+    defaults: each stage's own learning rate unless --learning-rate is given, batch 8, a checkpoint every 500 steps."""
+    ft.add_trainer_flags(parser)
+    parser.set_defaults(learning_rate=None, per_device_batch_size=8, save_steps=500, save_total_limit=2, eval_steps=500)
+    run = parser.add_argument_group("outputs")
     run.add_argument("--work-dir", type=Path, required=True, help="checkpoints, stage folders and args.json")
     run.add_argument("--output", type=Path, required=True, help="final repo folder (the last stage's model)")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --work-dir")
-    run.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
-    run.add_argument("--save-total-limit", type=int, default=2, help="keep the last N checkpoints per stage")
-    run.add_argument("--eval-steps", type=int, default=500, help="evaluate every N steps (with --val)")
-    run.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
-    run.add_argument("--report-to", default="none", help="Trainer integrations (none, tensorboard, wandb, ...)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -50,19 +50,19 @@ base=(--data "$data" --task-limit ocr=1000,gui=1000 --val --max-val-examples 200
       --num-threads 2 --resume --save-steps 500 --eval-steps 1000 --logging-steps 20)
 phase "base: vision warm-up (encoder + projector; shape/colour heads, per-token OCR character heads)"
 "$py" -m andesvl_tools.train --init tiny-aimv2 --stage vision --vision-tasks vqa,ocr --max-steps 2000 \
-  --batch-size 32 --learning-rate 6e-4 --warmup-steps 50 --work-dir "$runs/base" --output "$runs/export-vision" \
+  --per-device-batch-size 32 --learning-rate 6e-4 --warmup-steps 50 --work-dir "$runs/base" --output "$runs/export-vision" \
   "${base[@]}" --task-limit ocr=4000,gui=1000
 phase "base: align (image-determined answers; text model)"
 "$py" -m andesvl_tools.train --init "$runs/base/vision/model" --stage align --train-modules language_model \
-  --tasks vqa --drop-answers yes,no --max-steps 1000 --batch-size 16 --learning-rate 3e-4 --warmup-steps 50 \
+  --tasks vqa --drop-answers yes,no --max-steps 1000 --per-device-batch-size 16 --learning-rate 3e-4 --warmup-steps 50 \
   --work-dir "$runs/base" --output "$runs/export-align" "${base[@]}"
 phase "base: pretrain (text model, all tasks)"
 "$py" -m andesvl_tools.train --init "$runs/base/align/model" --stage pretrain --train-modules language_model \
-  --max-steps 3000 --batch-size 8 --learning-rate 3e-4 --warmup-steps 100 --work-dir "$runs/base" \
+  --max-steps 3000 --per-device-batch-size 8 --learning-rate 3e-4 --warmup-steps 100 --work-dir "$runs/base" \
   --output "$runs/export-pretrain" "${base[@]}"
 phase "base: sft (multi-task instruction tuning; text model)"
 "$py" -m andesvl_tools.train --init "$runs/base/pretrain/model" --stage sft --train-modules language_model \
-  --max-steps 1000 --batch-size 8 --learning-rate 1e-4 --warmup-steps 30 --work-dir "$runs/base" --output "$model" \
+  --max-steps 1000 --per-device-batch-size 8 --learning-rate 1e-4 --warmup-steps 30 --work-dir "$runs/base" --output "$model" \
   "${base[@]}"
 
 adapter_pairs 0 ""  # scripts/tiny_adapters.sh
