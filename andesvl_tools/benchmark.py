@@ -47,33 +47,24 @@ import transformers
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM, Siglip2VisionConfig, Siglip2VisionModel
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+from . import build_repo
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("decode", "vision", "prefill", "adapters", "quant")
 IMAGE_START_ID, IMAGE_END_ID = 151652, 151653
 TEXT_VOCAB_LIMIT = 151643  # ordinary BPE ids; the special tokens start here
 
-FULL_VISION = dict(
-    model_type="siglip2_navit_rope_model",
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    patch_size=16,
-    num_patches=1024,
-    hidden_act="gelu_pytorch_tanh",
+# The AndesVL-0.6B shapes, taken from build_repo (the one place the official sizes are defined), with only the keys
+# the benchmark's AndesVL build and its transformers twins (Siglip2VisionModel, Qwen3ForCausalLM) read.
+VISION_KEYS = "model_type hidden_size intermediate_size num_hidden_layers num_attention_heads patch_size num_patches"
+TEXT_KEYS = (
+    "hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim intermediate_size vocab_size"
 )
-FULL_TEXT = dict(  # Qwen3-0.6B
-    hidden_size=1024,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=3072,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    rope_theta=1e6,
-    max_position_embeddings=40960,
-)
+FULL_VISION = {key: build_repo.SIZES["0.6B"][0][key] for key in [*VISION_KEYS.split(), "hidden_act"]}
+FULL_TEXT = {
+    key: build_repo.SIZES["0.6B"][1][key]
+    for key in [*TEXT_KEYS.split(), "tie_word_embeddings", "rope_theta", "max_position_embeddings"]
+}
 QUICK_VISION = dict(
     model_type="siglip2_navit_rope_model",
     hidden_size=64,
@@ -606,7 +597,6 @@ def time_adapters(args: argparse.Namespace) -> dict[str, Any]:
 
 def save_loadable(model: torch.nn.Module, folder: Path) -> None:
     """save_pretrained plus the remote code and auto_map, so the Auto classes can load the folder."""
-    from . import build_repo  # sibling script: the repo's list of remote-code files and its auto_map
 
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
