@@ -639,6 +639,9 @@ def quantized_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     for bits in (8, 4):
         variants[f"int{bits}"] = copy.deepcopy(model)
         quantize_model(variants[f"int{bits}"], bits=bits, group_size=64)
+    # int4 with bf16 scales in a bf16 model: decode steps read the packed weights through torch's int4 CPU kernel
+    variants["int4_kernel"] = copy.deepcopy(model).to(torch.bfloat16)
+    quantize_model(variants["int4_kernel"], bits=4, group_size=64, scale_dtype="bfloat16")
     return variants
 
 
@@ -671,7 +674,10 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
             "roofline_tokens_per_s": roofline,
             "fraction_of_roofline": (1 / per_token) / roofline,
         }
-    for name in ("bf16", "int8", "int4"):
+    result["ratio_int4_kernel_over_bf16_tokens_per_s"] = (
+        result["int4_kernel"]["decode_tokens_per_s"] / result["bf16"]["decode_tokens_per_s"]
+    )
+    for name in ("bf16", "int8", "int4", "int4_kernel"):
         result[f"ratio_{name}_over_fp32_tokens_per_s"] = (
             result[name]["decode_tokens_per_s"] / result["fp32"]["decode_tokens_per_s"]
         )

@@ -350,3 +350,57 @@ def test_group_size_defaults_to_one_that_divides_the_model_and_a_bad_one_names_t
         )
     assert "sizes that do: [16, 8, 4, 2, 1]" in str(error.value) + capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The packed int4 CPU kernel (torch's _weight_int4pack_mm_for_cpu): bf16 scales, bf16 activations, decode-sized inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def int4_layer(group_size: int, seed: int = 0, bias: bool = True) -> nn.Module:
+    linear = nn.Linear(256, 96, bias=bias)
+    linear.weight.data = random_weight(96, 256, seed)
+    layer = qz.AndesVLQuantizedLinear.from_linear(linear, 4, group_size, "bfloat16")
+    return layer.to(torch.bfloat16).eval()  # a bf16 compute dtype (the bias); the scales keep their dtype
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_the_int4_kernel_dequantizes_exactly_what_the_quantizer_and_qalft_produce(group_size):
+    """The kernel applied to the identity returns its dequantized weight: bit for bit the layer's own
+    `dequantized_weight(bf16)` and QALFT's `fake_quantize` of the float weight in bf16."""
+    layer = int4_layer(group_size, bias=False)
+    identity = torch.eye(layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert not layer.uses_int4_kernel(identity)  # 256 rows: the dequantized path
+        packed, scales_and_zeros = layer._int4_kernel_weights()
+        kernel_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(identity, packed, group_size, scales_and_zeros).t()
+    assert torch.equal(kernel_weight, layer.dequantized_weight(torch.bfloat16))
+    fake = qz.fake_quantize(random_weight(96, 256), 4, group_size, "bfloat16")
+    assert torch.equal(kernel_weight, fake.bfloat16())
+
+
+def test_decode_rows_take_the_kernel_and_agree_with_the_dequantized_path():
+    layer = int4_layer(64)
+    for rows, expect_kernel in ((1, True), (qz.INT4_KERNEL_MAX_ROWS, True), (qz.INT4_KERNEL_MAX_ROWS + 1, False)):
+        x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        with torch.no_grad():
+            assert layer.uses_int4_kernel(x) == expect_kernel
+            got = layer(x)
+            reference = F.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+        assert got.shape == (1, rows, 96) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2)
+    fp16_scales = qz.AndesVLQuantizedLinear.from_linear(nn.Linear(256, 96), 4, 64, "float16")
+    assert not fp16_scales.uses_int4_kernel(torch.randn(1, 256).bfloat16())  # the kernel would round the scales
+
+
+def test_the_kernel_layout_follows_reloaded_weights_and_inputs_that_need_gradients_fall_back():
+    layer, other = int4_layer(64, seed=0), int4_layer(64, seed=1)
+    x = torch.randn(1, 256).bfloat16()
+    with torch.no_grad():
+        before = layer(x)
+        layer.load_state_dict(other.state_dict())  # in-place copies: the cached kernel layout must be rebuilt
+        assert torch.equal(layer(x), other(x)) and not torch.equal(layer(x), before)
+    x.requires_grad_(True)
+    assert not layer.uses_int4_kernel(x)  # QALFT / LoRA training through the base: the differentiable path
+    layer(x).float().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
