@@ -404,3 +404,39 @@ def test_the_kernel_layout_follows_reloaded_weights_and_inputs_that_need_gradien
     assert not layer.uses_int4_kernel(x)  # QALFT / LoRA training through the base: the differentiable path
     layer(x).float().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter(tiny_repos, tmp_path):
+    """From the CLI to generate: `--scale-dtype bfloat16`, loaded in bf16, a peft LoRA on top; decode steps take the
+    kernel (prefill does not), and the greedy tokens equal those of the dequantized path."""
+    output = tmp_path / "int4-bf16"
+    quantize.main(
+        [
+            "--model",
+            str(tiny_repos["aimv2"]),
+            "--output",
+            str(output),
+            "--bits",
+            "4",
+            "--scale-dtype",
+            "bfloat16",
+            "--group-size",
+            "64",
+        ]
+    )
+    model = load_model(output, dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=model.default_lora_target_modules, init_lora_weights=False)
+    model = get_peft_model(model, config).eval()
+    layers = [module for module in model.modules() if type(module).__name__ == "AndesVLQuantizedLinear"]
+    calls = []
+    for layer in layers:
+        original = layer.uses_int4_kernel
+        layer.uses_int4_kernel = lambda x, original=original: calls.append(original(x)) or calls[-1]
+    inputs = packed_inputs(model.config, [(4, 4)])
+    with torch.no_grad():
+        fast = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert any(calls) and not all(calls)  # decode steps on the kernel, the prefill dequantized
+        for layer in layers:
+            layer.uses_int4_kernel = lambda x: False
+        slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert fast.tolist() == slow.tolist()
