@@ -174,9 +174,10 @@ class AndesVLProcessor(ProcessorMixin):
         text_kwargs = {key: kwargs.pop(key) for key in TEXT_KWARGS if key in kwargs}
         self._check_unknown_kwargs(kwargs)
         allow_remote = self.allow_remote_images if allow_remote_images is None else allow_remote_images
-        limits = {key: getattr(self.image_processor, key) for key in ("max_image_pixels", "max_image_bytes")}
-        if image_kwargs.get("max_image_pixels") is not None:
-            limits["max_image_pixels"] = image_kwargs["max_image_pixels"]
+        limits = {  # the image processor's limits, or this call's overrides
+            key: image_kwargs[key] if image_kwargs.get(key) is not None else getattr(self.image_processor, key)
+            for key in ("max_image_pixels", "max_image_bytes")
+        }
         flat_images = [
             load_image(image, allow_remote=allow_remote, **limits) for group in images_per_text for image in group
         ]

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .folders import overlap_error
+
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = (
     "configuration_andesvl.py",
@@ -337,10 +339,10 @@ def save_tiny_weights(output: Path, config: dict, seed: int) -> int:
 
 def check_paths(output: Path, weights: Path) -> None:
     """Refuse an output folder that is, contains or lies inside the weights folder (it would destroy the input)."""
-    out, src = output.resolve(), weights.resolve()
-    if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+    if overlap_error(output, weights):
         raise ValueError(
-            f"Refusing to build: --output {output} ({out}) is, contains or lies inside --weights {weights} ({src}); "
+            f"Refusing to build: --output {output} ({output.resolve()}) is, contains or lies inside --weights "
+            f"{weights} ({weights.resolve()}); "
             "choose an output folder outside the weights folder."
         )
 

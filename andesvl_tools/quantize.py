@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .folders import staged_folder
+from .folders import overlap_error, staged_folder
 
 REPORT_NAME = "quantization_report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -123,7 +123,7 @@ def check_folders(source: Path, output: Path) -> None:
     if not (source / "config.json").is_file():
         raise ValueError(f"--model {source} is not a model folder (no config.json).")
     source, output = source.resolve(), output.resolve()
-    if output == source or output.is_relative_to(source) or source.is_relative_to(output):
+    if overlap_error(output, source):
         raise ValueError(f"--output {output} must not be, contain or lie inside the source folder ({source}).")
     if output.is_dir() and any(output.iterdir()) and not (output / REPORT_NAME).is_file():
         raise ValueError(

@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .folders import staged_folder
+from .folders import overlap_error, staged_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("config.json", "generation_config.json", "model.safetensors")
@@ -64,10 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_output(output: Path, work: Path) -> None:
     """Refuse an output that is, contains or lies inside the work folder (the input), or that contains the repo."""
-    out, src = output.resolve(), work.resolve()
-    if out == src or out.is_relative_to(src) or src.is_relative_to(out) or ROOT.resolve().is_relative_to(out):
+    if overlap_error(output, work) or ROOT.resolve().is_relative_to(output.resolve()):
         raise SystemExit(
-            f"Refusing to write {output} ({out}): it is, contains or lies inside --work {work} ({src}), "
+            f"Refusing to write {output} ({output.resolve()}): it is, contains or lies inside --work {work} "
+            f"({work.resolve()}), "
             f"or contains the repository {ROOT}; choose another output folder."
         )
     if output.is_symlink() or output.is_file():

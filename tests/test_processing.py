@@ -445,6 +445,16 @@ def test_max_image_pixels_override(processor, tmp_path):
     assert strict(text="<image>", images=random_image(90, 90))["image_grid_hw"] is not None
 
 
+def test_per_call_image_limits_apply_before_reading(processor, tmp_path):
+    """`max_image_bytes` / `max_image_pixels` given to the call override the image processor's, for files too."""
+    random_image(200, 200).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match="max_image_bytes"):
+        processor(text="<image>", images=str(tmp_path / "big.png"), max_image_bytes=100)
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        processor(text="<image>", images=str(tmp_path / "big.png"), max_image_pixels=10_000)
+    assert processor(text="<image>", images=str(tmp_path / "big.png"))["image_grid_hw"] is not None
+
+
 def mode_variants() -> dict[str, tuple[Image.Image, Image.Image]]:
     """mode -> (input image, the RGB image it must be processed as)."""
     rgb = random_image(50, 40, seed=7)
