@@ -11,6 +11,7 @@ transformers and vLLM run one implementation of the vision side; the official st
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
@@ -44,7 +45,6 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 IMAGE_PLACEHOLDER = "<image>"  # what the chat template writes per image part; the processor expands it
-RESIZE_MODES = ("hf_chat", "eval")  # the image processor's two resize rules; a request may pick either
 
 
 def hf_model_class(model_config) -> type:
@@ -72,18 +72,19 @@ class AndesVLProcessingInfo(BaseProcessingInfo):
     def image_processor(self):
         return self.get_hf_processor().image_processor
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]) -> int:
-        """Visual tokens (pads) of one image under this request's options: the image processor's own count."""
-        options = {key: value for key, value in self.ctx.get_merged_mm_kwargs(mm_kwargs).items() if value is not None}
-        return self.image_processor.get_number_of_image_tokens(image_height, image_width, **options)
+    @property
+    def resize_modes(self) -> tuple[str, ...]:
+        return sys.modules[type(self.image_processor).__module__].RESIZE_MODES
 
     def get_image_size_with_most_features(self) -> ImageSize:
         """A square image at the largest canvas either resize rule makes under the served options (for memory
         profiling: a request cannot produce more visual tokens than this)."""
         configured = self.ctx.get_merged_mm_kwargs({})
+        # the rules the served model may use: the configured one, else every rule the image processor has
+        modes = [configured["resize_mode"]] if configured.get("resize_mode") else self.resize_modes
         best, best_tokens = None, -1
-        for mode in RESIZE_MODES:
-            options = {**configured, "resize_mode": configured.get("resize_mode") or mode}
+        for mode in modes:
+            options = {**configured, "resize_mode": mode}
             side = self.image_processor.expected_canvas_size(10_000, 10_000, **options)[0]
             tokens = self.image_processor.get_number_of_image_tokens(side, side, **options)
             if tokens > best_tokens:
@@ -136,11 +137,10 @@ class AndesVLMultiModalProcessor(BaseMultiModalProcessor[AndesVLProcessingInfo])
             for token in (processor.image_start_token, processor.image_token, processor.image_end_token)
         )
         marker = cached_encode(tokenizer, IMAGE_PLACEHOLDER, add_special_tokens=False)  # plain text, several ids
-        merge = processor.image_processor.merge_size
 
         def image_span(item_index: int) -> PromptUpdateDetails:
             grid_hw = out_mm_kwargs["image"][item_index]["image_grid_hw"].data  # [2]
-            num_tokens = int(grid_hw.prod()) // merge**2
+            (num_tokens,) = processor.image_processor.num_image_tokens(grid_hw)
             return PromptUpdateDetails.select_token_id([start, *[pad] * num_tokens, end], pad)
 
         return [PromptReplacement(modality="image", target=marker, replacement=image_span)]
@@ -175,7 +175,7 @@ class AndesVLForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoR
         self.config = config
         model_class = hf_model_class(vllm_config.model_config)
         self.hf_get_image_features = model_class.get_image_features  # one implementation of the vision side
-        modeling = __import__(model_class.__module__, fromlist=["VISION_MODEL_CLASSES", "AndesVLProjector"])
+        modeling = sys.modules[model_class.__module__]
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_encoder = modeling.VISION_MODEL_CLASSES[config.vision_type](config.vision_config)
             self.mlp = modeling.AndesVLProjector(config)
