@@ -160,6 +160,8 @@ TINY_VISION = {
     },
 }
 TINY_TEXT = {**qwen3_text_config(64, 2, 4, 128), "num_key_value_heads": 2, "head_dim": 16, "torch_dtype": "float32"}
+# vLLM's CPU attention kernels take head_dim 32 and up (not 16): `--head-dim 32` builds a tiny repo vLLM can serve.
+TINY_HEAD_DIMS = (16, 32)
 
 
 def model_config(vision: dict, text: dict, dtype: str) -> dict:
@@ -188,10 +190,12 @@ def official_config(size: str) -> dict:
     return model_config(vision, text, "bfloat16")
 
 
-def tiny_config(vision_type: str) -> dict:
+def tiny_config(vision_type: str, head_dim: int = TINY_TEXT["head_dim"]) -> dict:
     if vision_type not in TINY_VISION:
         raise ValueError(f"Unknown tiny vision type {vision_type!r}; expected one of {list(TINY_VISION)}.")
-    return model_config(TINY_VISION[vision_type], TINY_TEXT, "float32")
+    if head_dim not in TINY_HEAD_DIMS:
+        raise ValueError(f"Unknown tiny head_dim {head_dim}; expected one of {list(TINY_HEAD_DIMS)}.")
+    return model_config(TINY_VISION[vision_type], {**TINY_TEXT, "head_dim": head_dim}, "float32")
 
 
 def preprocessor_config(config: dict) -> dict:
@@ -391,10 +395,21 @@ def _install(staged: Path, output: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def build(size: str | None, tiny: str | None, output: Path, weights: Path | None, link: bool, seed: int) -> dict:
+def build(
+    size: str | None,
+    tiny: str | None,
+    output: Path,
+    weights: Path | None,
+    link: bool,
+    seed: int,
+    head_dim: int | None = None,
+) -> dict:
     """Write the repo folder `output`. With `weights`, the folder is assembled and verified in a temporary folder
-    next to `output` and only then moved into place, so a failure leaves `output` (and `weights`) untouched."""
-    config = tiny_config(tiny) if tiny else official_config(size)
+    next to `output` and only then moved into place, so a failure leaves `output` (and `weights`) untouched.
+    `head_dim` (tiny only) picks the tiny language model's head size (TINY_HEAD_DIMS)."""
+    if head_dim is not None and not tiny:
+        raise ValueError("--head-dim applies to --tiny builds only; an official size has its own head_dim (128).")
+    config = tiny_config(tiny, head_dim or TINY_TEXT["head_dim"]) if tiny else official_config(size)
     report: dict = {"output": str(output), "model_type": config["model_type"]}
     if not weights:
         if tiny:
@@ -434,13 +449,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, help="folder with the official *.safetensors or *.bin shards")
     parser.add_argument("--link", action="store_true", help="symlink the weight shards instead of copying them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny random init")
+    parser.add_argument(
+        "--head-dim", type=int, choices=TINY_HEAD_DIMS, help="head size of the tiny language model (vLLM needs 32)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}))
-    report = build(args.size, args.tiny, args.output, args.weights, args.link, args.seed)
+    report = build(args.size, args.tiny, args.output, args.weights, args.link, args.seed, args.head_dim)
     print(json.dumps({k: v for k, v in report.items() if k != "weights"} | {"weights": len(report.get("weights", []))}))
 
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from andesvl_tools import chat
-from conftest import ROOT, build_repo
+from conftest import ROOT, build_repo, load_model
 
 DEMO_IMAGE = ROOT / "assets" / "demo_shapes.png"
 
@@ -78,6 +78,23 @@ def test_build_repo_cli_requires_a_size(capsys):
         build_repo.parse_args(["--output", "x"])
     with pytest.raises(ValueError, match="Unknown size '3B'"):
         build_repo.official_config("3B")
+
+
+def test_build_repo_tiny_head_dim_option(tmp_path):
+    """`--head-dim 32` (the smallest head vLLM's CPU attention takes) builds a tiny repo that loads with that head;
+    other sizes and official sizes are refused with the valid choices."""
+    args = build_repo.parse_args(["--tiny", "aimv2", "--head-dim", "32", "--output", str(tmp_path / "AndesVL-1B-hd32")])
+    build_repo.build(None, args.tiny, args.output, None, False, args.seed, args.head_dim)
+    config = json.loads((args.output / "config.json").read_text())
+    assert config["text_config"]["head_dim"] == 32
+    model = load_model(args.output)
+    assert model.language_model.model.layers[0].self_attn.head_dim == 32
+    with pytest.raises(ValueError, match=r"Unknown tiny head_dim 24; expected one of \[16, 32\]"):
+        build_repo.tiny_config("aimv2", head_dim=24)
+    with pytest.raises(ValueError, match="--tiny builds only"):
+        build_repo.build("0.6B", None, tmp_path / "AndesVL-0.6B", None, False, 0, head_dim=32)
+    with pytest.raises(SystemExit):
+        build_repo.parse_args(["--tiny", "aimv2", "--head-dim", "24", "--output", "x"])
 
 
 def test_benchmark_quick_smoke(tmp_path):
