@@ -2,6 +2,7 @@
 
 Scheme (the single source of truth for the deployed model and for QALFT):
 - symmetric, group-wise along the input dim, one scale per (output row, group of `group_size` inputs);
+  `group_size` -1 means one group per row (one scale per output row, whatever the layer's width);
 - `qmax = 2**(bits-1) - 1`, `scale = amax(|w_group|) / qmax` in fp32, clamped to [tiny, max] of `scale_dtype` and
   stored in `scale_dtype`; `code = clamp(round_half_even(w / float(scale)), -qmax-1, qmax)`;
 - dequantized weight = `float(code) * float(scale)`, cast to the compute dtype.
@@ -11,8 +12,13 @@ depend only on the weight values, and `fake_quantize(w)` (QALFT, straight-throug
 weight that `AndesVLQuantizedLinear` computes from the saved `qweight`/`scales`.
 
 On disk: int4 codes are packed two per uint8 (`qweight` [out, in/2]), int8 codes are int8 (`qweight` [out, in]),
-`scales` [out, in/group_size]. `config.quantization` (`{"bits", "group_size", "modules", "scale_dtype"}`) makes
-`AndesVLForConditionalGeneration.__init__` build the quantized layers, so `from_pretrained` loads those keys as is.
+`scales` [out, in/group_size] ([out, 1] per row). `config.quantization` (`{"bits", "group_size", "modules",
+"scale_dtype"}`) makes `AndesVLForConditionalGeneration.__init__` build the quantized layers, so `from_pretrained`
+loads those keys as is.
+
+Decoding on CPU in bf16 (bf16 scales, bf16 activations) reads the codes directly through torch's kernels: int4 with a
+group of 32-256 (`_weight_int4pack_mm_for_cpu`), int8 with one scale per row (`_weight_int8pack_mm`); other
+settings, longer inputs (prefill) and training dequantize the weight per forward.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 # which it beats dequantizing to bf16 (measured: 2.5x faster at 1 row, slower from 8 rows on; prefill falls back).
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 INT4_KERNEL_MAX_ROWS = 4
+# torch's int8 CPU kernel (`_weight_int8pack_mm`) takes one scale per output row: int8 with group_size PER_ROW.
+PER_ROW = -1
+INT8_KERNEL_MAX_ROWS = 4  # measured (1024x3072, 2 threads, Xeon AMX): 1.4-2.6x bf16 F.linear up to 4 rows, 0.7x at 6
 SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype")
 
 
@@ -52,8 +61,19 @@ def qmax_for(bits: int) -> int:
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
+    if group_size == PER_ROW:
+        return
     if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size:
-        raise ValueError(f"group_size={group_size} must be a positive divisor of in_features={in_features}.")
+        raise ValueError(
+            f"group_size={group_size} must be a positive divisor of in_features={in_features} (or {PER_ROW}: "
+            "one scale per output row)."
+        )
+
+
+def group_width(in_features: int, group_size: int) -> int:
+    """Inputs per scale of a layer `in_features` wide: `group_size`, or the whole row for PER_ROW."""
+    check_group_size(in_features, group_size)
+    return in_features if group_size == PER_ROW else group_size
 
 
 def scale_dtype_of(scale_dtype: str | torch.dtype) -> torch.dtype:
@@ -70,8 +90,8 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"Unknown quantization keys {unknown}; expected a subset of {list(SPEC_KEYS)}.")
     bits, group_size = spec.get("bits", 4), spec.get("group_size", DEFAULT_GROUP_SIZE)
     qmax_for(bits)
-    if not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size={group_size!r} must be a positive integer.")
+    if not isinstance(group_size, int) or (group_size <= 0 and group_size != PER_ROW):
+        raise ValueError(f"group_size={group_size!r} must be a positive integer or {PER_ROW} (one scale per row).")
     modules = spec.get("modules", DEFAULT_MODULES)
     try:
         re.compile(modules)
@@ -92,7 +112,7 @@ def quantize_weight(
     """weight [out, in] -> (codes int8 [out, in], scales `scale_dtype` [out, in/group_size])."""
     qmax = qmax_for(bits)
     out_features, in_features = weight.shape
-    check_group_size(in_features, group_size)
+    group_size = group_width(in_features, group_size)
     scale_dtype = scale_dtype_of(scale_dtype)
     groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)  # [out, G, g]
     num_bad = int((~torch.isfinite(groups)).sum())
@@ -110,7 +130,7 @@ def dequantize_weight(
 ) -> torch.Tensor:
     """codes int8 [out, in] and scales [out, in/group_size] -> weight [out, in] in `dtype`."""
     out_features, in_features = codes.shape
-    check_group_size(in_features, group_size)
+    group_size = group_width(in_features, group_size)
     if tuple(scales.shape) != (out_features, in_features // group_size):
         raise ValueError(
             f"scales have shape {tuple(scales.shape)}, expected {(out_features, in_features // group_size)} for codes "
@@ -217,7 +237,7 @@ class AndesVLQuantizedLinear(nn.Linear):
         packed_shape = (out_features, in_features // 2 if bits == 4 else in_features)
         code_dtype = torch.uint8 if bits == 4 else torch.int8
         self.register_buffer("qweight", torch.zeros(packed_shape, dtype=code_dtype, device=device))
-        scales_shape = (out_features, in_features // group_size)
+        scales_shape = (out_features, in_features // group_width(in_features, group_size))
         self.register_buffer("scales", torch.zeros(scales_shape, dtype=scale_dtype_of(scale_dtype), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         # Zero-size and not saved: it follows `.to(dtype)` casts, so `weight.dtype` reports the compute dtype.
@@ -277,9 +297,35 @@ class AndesVLQuantizedLinear(nn.Linear):
             packed, scales_and_zeros = self._int4_kernel_weights()
             rows = input.reshape(-1, self.in_features)  # [M, in]
             output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scales_and_zeros)
-            output = output.reshape(*input.shape[:-1], self.out_features)
-            return output if self.bias is None else output + self.bias.to(output.dtype)
-        return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
+        elif self.uses_int8_kernel(input):
+            rows = input.reshape(-1, self.in_features)  # [M, in]
+            output = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.reshape(-1))  # [M, out]
+        else:
+            return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
+        output = output.reshape(*input.shape[:-1], self.out_features)
+        return output if self.bias is None else output + self.bias.to(output.dtype)
+
+    def _kernel_input(self, input: torch.Tensor, max_rows: int) -> bool:
+        """What both packed kernels need of the input and scales: bf16 on CPU, at most `max_rows` rows (decoding),
+        and no gradient for the input (the kernels have no backward)."""
+        return (
+            input.dtype == torch.bfloat16
+            and self.scales.dtype == torch.bfloat16
+            and input.device.type == "cpu"
+            and input.numel() <= max_rows * self.in_features
+            and not (torch.is_grad_enabled() and input.requires_grad)
+        )
+
+    def uses_int8_kernel(self, input: torch.Tensor) -> bool:
+        """Whether `forward(input)` reads the int8 codes directly (torch's `_weight_int8pack_mm`): int8 with one bf16
+        scale per output row (group_size PER_ROW) and a kernel-sized input (`_kernel_input`). The kernel's dequantized
+        weight is bit for bit `dequantized_weight(torch.bfloat16)` (tested)."""
+        return (
+            self.bits == 8
+            and self.group_size == PER_ROW
+            and self._kernel_input(input, INT8_KERNEL_MAX_ROWS)
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        )
 
     def uses_int4_kernel(self, input: torch.Tensor) -> bool:
         """Whether `forward(input)` reads the packed int4 weights directly (torch's CPU kernel) instead of
@@ -288,12 +334,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         The kernel's dequantized weight is bit for bit `dequantized_weight(torch.bfloat16)` (tested)."""
         return (
             self.bits == 4
-            and input.dtype == torch.bfloat16
-            and self.scales.dtype == torch.bfloat16
-            and input.device.type == "cpu"
             and self.group_size in INT4_KERNEL_GROUP_SIZES
-            and input.numel() <= INT4_KERNEL_MAX_ROWS * self.in_features
-            and not (torch.is_grad_enabled() and input.requires_grad)
+            and self._kernel_input(input, INT4_KERNEL_MAX_ROWS)
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
 
@@ -345,6 +387,8 @@ def select_linear_modules(model: nn.Module, modules: str) -> list[tuple[str, nn.
 
 
 def check_groups(selected: list[tuple[str, nn.Linear]], group_size: int) -> None:
+    if group_size == PER_ROW:
+        return
     bad = [f"{name} (in_features={module.in_features})" for name, module in selected if module.in_features % group_size]
     if bad:
         raise ValueError(
@@ -429,6 +473,7 @@ __all__ = [
     "AndesVLQuantizedLinear",
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_MODULES",
+    "PER_ROW",
     "dequantize_weight",
     "fake_quantize",
     "normalize_spec",

@@ -642,6 +642,9 @@ def quantized_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     # int4 with bf16 scales in a bf16 model: decode steps read the packed weights through torch's int4 CPU kernel
     variants["int4_kernel"] = copy.deepcopy(model).to(torch.bfloat16)
     quantize_model(variants["int4_kernel"], bits=4, group_size=64, scale_dtype="bfloat16")
+    # int8 with one bf16 scale per output row (group_size -1) in a bf16 model: torch's int8 CPU kernel
+    variants["int8_kernel"] = copy.deepcopy(model).to(torch.bfloat16)
+    quantize_model(variants["int8_kernel"], bits=8, group_size=-1, scale_dtype="bfloat16")
     return variants
 
 
@@ -674,10 +677,11 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
             "roofline_tokens_per_s": roofline,
             "fraction_of_roofline": (1 / per_token) / roofline,
         }
-    result["ratio_int4_kernel_over_bf16_tokens_per_s"] = (
-        result["int4_kernel"]["decode_tokens_per_s"] / result["bf16"]["decode_tokens_per_s"]
-    )
-    for name in ("bf16", "int8", "int4", "int4_kernel"):
+    for name in ("int4_kernel", "int8_kernel"):
+        result[f"ratio_{name}_over_bf16_tokens_per_s"] = (
+            result[name]["decode_tokens_per_s"] / result["bf16"]["decode_tokens_per_s"]
+        )
+    for name in ("bf16", "int8", "int4", "int4_kernel", "int8_kernel"):
         result[f"ratio_{name}_over_fp32_tokens_per_s"] = (
             result[name]["decode_tokens_per_s"] / result["fp32"]["decode_tokens_per_s"]
         )
@@ -692,8 +696,27 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and the vector extensions the kernels can use (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "vector_extensions": [flag for flag in VECTOR_FLAGS if flag in flags]}
+
+
 def environment_info(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        "cpu": cpu_info(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -734,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     print("benchmark args:", json.dumps(resolved), flush=True)
     start = time.perf_counter()
     report: dict[str, Any] = {"args": resolved, "environment": environment_info(args)}
+    cpu = report["environment"]["cpu"]
+    print(f"CPU: {cpu['model']} ({' '.join(cpu['vector_extensions'])}), {args.threads} threads", file=sys.stderr)
     report["notes"] = {key: NOTES[key] for key in ("general", *args.sections)}
     for name in args.sections:
         print(f"[{time.perf_counter() - start:7.1f}s] section {name} ...", file=sys.stderr, flush=True)

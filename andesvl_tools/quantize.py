@@ -227,7 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="inputs per scale (default: 64, which divides every "
         "in_features of every official AndesVL size, or the largest power-of-two fraction of it "
-        "that divides this model's, e.g. 16 for AndesVL-Tiny; the choice is printed)",
+        "that divides this model's, e.g. 16 for AndesVL-Tiny; the choice is printed); -1: one scale per output "
+        "row (with --bits 8 --scale-dtype bfloat16, decoding in bf16 runs on torch's int8 kernel)",
     )
     parser.add_argument(
         "--modules",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import build_repo
+from .benchmark import cpu_info
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_CYCLE = ("ocr", "gui", None)  # the per-request mix; None = the base model
@@ -47,7 +47,6 @@ QUESTIONS = {
     "gui": "Where is the button in this screenshot?",
     None: "Describe the picture.",
 }
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,21 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     return args
-
-
-def cpu_info() -> dict[str, Any]:
-    """The CPU model and the vector extensions the kernels can use (from /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "vector_extensions": [flag for flag in VECTOR_FLAGS if flag in flags]}
 
 
 def workload_images(count: int, size: int, seed: int) -> list:

@@ -440,3 +440,81 @@ def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter
             layer.uses_int4_kernel = lambda x: False
         slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert fast.tolist() == slow.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The int8 CPU kernel (torch's _weight_int8pack_mm): one bf16 scale per output row (group_size -1), bf16 activations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def int8_row_layer(seed: int = 0, bias: bool = True) -> nn.Module:
+    linear = nn.Linear(256, 96, bias=bias)
+    linear.weight.data = random_weight(96, 256, seed)
+    layer = qz.AndesVLQuantizedLinear.from_linear(linear, 8, qz.PER_ROW, "bfloat16")
+    return layer.to(torch.bfloat16).eval()
+
+
+def test_per_row_int8_has_one_scale_per_row_and_the_kernel_dequantizes_exactly_what_qalft_produces():
+    layer = int8_row_layer(bias=False)
+    assert layer.scales.shape == (96, 1) and layer.qweight.dtype == torch.int8
+    identity = torch.eye(layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert not layer.uses_int8_kernel(identity)  # 256 rows: the dequantized path
+        kernel_weight = torch.ops.aten._weight_int8pack_mm(identity, layer.qweight, layer.scales.reshape(-1)).t()
+    assert torch.equal(kernel_weight, layer.dequantized_weight(torch.bfloat16))
+    fake = qz.fake_quantize(random_weight(96, 256), 8, qz.PER_ROW, "bfloat16")
+    assert torch.equal(kernel_weight, fake.bfloat16())
+    # per row = one group as wide as the row: the same codes and scales as group_size=in_features
+    codes, scales = qz.quantize_weight(random_weight(96, 256), 8, 256, "bfloat16")
+    assert torch.equal(codes, layer.qweight) and torch.equal(scales, layer.scales)
+
+
+def test_int8_decode_rows_take_the_kernel_and_other_int8_settings_do_not():
+    layer = int8_row_layer()
+    for rows, expect_kernel in ((1, True), (qz.INT8_KERNEL_MAX_ROWS, True), (qz.INT8_KERNEL_MAX_ROWS + 1, False)):
+        x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        with torch.no_grad():
+            assert layer.uses_int8_kernel(x) == expect_kernel and not layer.uses_int4_kernel(x)
+            got = layer(x)
+            reference = F.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+        assert got.shape == (1, rows, 96) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2)
+    x = torch.randn(1, 256).bfloat16()
+    grouped = qz.AndesVLQuantizedLinear.from_linear(nn.Linear(256, 96), 8, 64, "bfloat16").to(torch.bfloat16)
+    fp16_scales = qz.AndesVLQuantizedLinear.from_linear(nn.Linear(256, 96), 8, qz.PER_ROW, "float16")
+    assert not grouped.uses_int8_kernel(x) and not fp16_scales.uses_int8_kernel(x)
+    x.requires_grad_(True)
+    assert not layer.uses_int8_kernel(x)  # training through the base: the differentiable path
+
+
+def test_group_size_minus_one_is_the_only_non_positive_group_size():
+    assert qz.normalize_spec({"bits": 8, "group_size": -1})["group_size"] == qz.PER_ROW
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="positive integer or -1"):
+            qz.normalize_spec({"bits": 8, "group_size": bad})
+
+
+def test_a_per_row_int8_folder_decodes_through_the_kernel_with_a_lora_adapter(tiny_repos, tmp_path):
+    """`--bits 8 --group-size -1 --scale-dtype bfloat16` from the CLI, loaded in bf16 with a peft LoRA: decode steps
+    take the int8 kernel (prefill does not) and the greedy tokens equal those of the dequantized path."""
+    output = tmp_path / "int8-row"
+    argv = ["--model", str(tiny_repos["siglip2"]), "--output", str(output), "--bits", "8", "--group-size", "-1"]
+    quantize.main([*argv, "--scale-dtype", "bfloat16"])
+    assert json.loads((output / "config.json").read_text())["quantization"]["group_size"] == -1
+    model = load_model(output, dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=model.default_lora_target_modules, init_lora_weights=False)
+    model = get_peft_model(model, config).eval()
+    layers = [module for module in model.modules() if type(module).__name__ == "AndesVLQuantizedLinear"]
+    assert layers and all(layer.scales.shape[1] == 1 for layer in layers)
+    calls = []
+    for layer in layers:
+        original = layer.uses_int8_kernel
+        layer.uses_int8_kernel = lambda x, original=original: calls.append(original(x)) or calls[-1]
+    inputs = packed_inputs(model.config, [(4, 4)])
+    with torch.no_grad():
+        fast = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert any(calls) and not all(calls)  # decode steps on the kernel, the prefill dequantized
+        for layer in layers:
+            layer.uses_int8_kernel = lambda x: False
+        slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert fast.tolist() == slow.tolist()

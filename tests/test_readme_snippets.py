@@ -3,7 +3,9 @@
 The only substitution is the model: the Hub id `org/AndesVL-4B` becomes the AndesVL-Tiny folder. Snippets run offline
 in a scratch folder that holds the one input file they name (`receipt.png`, an AndesVL-Tiny OCR example). Each snippet
 runs in a fresh namespace, except one introduced by "(continues the snippet above)", which runs after the snippet
-before it, in the same namespace.
+before it, in the same namespace. A snippet introduced by "(runs against the server above)" is a client of vLLM's
+OpenAI-compatible server: tests/test_vllm.py runs it against the server it starts (the vLLM line), so it is left out
+here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from conftest import ROOT
 READMES = ("README.md", "adapters/README.md")
 HUB_ID = '"org/AndesVL-4B"'
 CONTINUES = "(continues the snippet above)"
+SERVER = "(runs against the server above)"
+SERVER_URL = "http://127.0.0.1:8000/v1"  # what a server snippet connects to (the test substitutes its own)
 FENCE = re.compile(r"^( *)```python\n(.*?)^\1```$", re.MULTILINE | re.DOTALL)
 EXAMPLE_IMAGE = ROOT / "assets/andesvl-tiny/images/ocr_000000.png"
 
@@ -30,6 +34,7 @@ class Snippet:
     line: int
     code: str
     continues: bool
+    server: bool = False
 
     @property
     def name(self) -> str:
@@ -43,11 +48,13 @@ def readme_snippets() -> list[Snippet]:
         for match in FENCE.finditer(text):
             before = text[: match.start()].rstrip().splitlines()[-1] if match.start() else ""
             line = text.count("\n", 0, match.start()) + 1
-            snippets.append(Snippet(readme, line, textwrap.dedent(match.group(2)), CONTINUES in before))
+            code = textwrap.dedent(match.group(2))
+            snippets.append(Snippet(readme, line, code, CONTINUES in before, SERVER in before))
     return snippets
 
 
-SNIPPETS = readme_snippets()
+SNIPPETS = [snippet for snippet in readme_snippets() if not snippet.server]
+SERVER_SNIPPETS = [snippet for snippet in readme_snippets() if snippet.server]
 
 
 def chain(index: int) -> list[Snippet]:
@@ -63,6 +70,7 @@ def test_the_readmes_have_the_snippets_this_test_expects():
     """Guards the parser: a README edit that breaks the fences must not leave this suite with nothing to run."""
     assert len(SNIPPETS) >= 7, [s.name for s in SNIPPETS]
     assert sum(s.continues for s in SNIPPETS) >= 1
+    assert SERVER_SNIPPETS and all(SERVER_URL in s.code for s in SERVER_SNIPPETS), [s.name for s in SERVER_SNIPPETS]
     for snippet in SNIPPETS:
         compile(snippet.code, snippet.name, "exec")  # every snippet is Python as written
 

@@ -169,7 +169,10 @@ def test_labelled_positions_loss_equals_the_full_logits_loss(tiny_repos):
         default = model(**batch)
         cheap = model(**batch, labelled_logits_only=True)
         inputs_embeds = model.get_input_embeddings()(batch["input_ids"])
-        features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"])
+        # the projector per conversation row, as forward runs it (the padded [B, T_max, 4*Dv] matmul can round
+        # differently from the packed one on some CPUs, e.g. Xeon with AMX)
+        tokens_per_row = (batch["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+        features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"], tokens_per_row)
         inputs_embeds = model.merge_image_features(batch["input_ids"], inputs_embeds, features)
         full = model.language_model(
             inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]

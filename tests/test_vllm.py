@@ -434,6 +434,28 @@ def test_openai_client_gets_the_transformers_answers_from_the_server(tiny_server
         ask("no-such-adapter", tiny_requests[0])
 
 
+def test_the_readme_client_snippet_runs_against_the_server(
+    tiny_server, tiny_requests, tiny_expected, tmp_path, monkeypatch, capsys
+):
+    """README's `openai` snippet, as written, against the test server (its URL substituted; `receipt.png` the
+    AndesVL-Tiny OCR example that tests/test_readme_snippets.py uses), prints the ocr adapter's transformers answer."""
+    import test_readme_snippets as readme
+    from transformers import AutoProcessor
+
+    (index,) = [i for i, r in enumerate(tiny_requests[:-1]) if r["images"] == [str(readme.EXAMPLE_IMAGE)]]
+    assert tiny_requests[index]["messages"][0]["content"][-1]["text"] == "Transcribe the text in this image."
+    processor = AutoProcessor.from_pretrained(TINY, trust_remote_code=True)
+    expected = tiny_expected["ocr"][index]["token_ids"]
+    assert expected[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), "the answer did not end"
+    shutil.copy(readme.EXAMPLE_IMAGE, tmp_path / "receipt.png")
+    monkeypatch.chdir(tmp_path)
+    assert readme.SERVER_SNIPPETS
+    for snippet in readme.SERVER_SNIPPETS:
+        code = snippet.code.replace(readme.SERVER_URL, f"{tiny_server}/v1")
+        exec(compile(code, snippet.name, "exec"), {"__name__": "__readme__"})
+    assert capsys.readouterr().out == processor.decode(expected, skip_special_tokens=True) + "\n"
+
+
 def test_serve_benchmark_runs_both_contenders_on_the_same_requests(tmp_path):
     """A small run of the serving benchmark (the README's throughput ratio comes from its full run)."""
     output = tmp_path / "serve_benchmark.json"
