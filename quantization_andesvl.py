@@ -136,6 +136,11 @@ def dequantize_weight(
             f"scales have shape {tuple(scales.shape)}, expected {(out_features, in_features // group_size)} for codes "
             f"{tuple(codes.shape)} and group_size={group_size}."
         )
+    if scales.dtype == dtype:
+        # codes and scales are exact in `dtype` and the product is rounded once either way (CPU half-precision
+        # arithmetic computes in fp32): the same bits without the fp32 copies (prefill dequantizes every forward)
+        groups = codes.to(dtype).reshape(out_features, -1, group_size) * scales[..., None]  # [out, G, g]
+        return groups.reshape(out_features, in_features)
     groups = codes.float().reshape(out_features, -1, group_size) * scales.float()[..., None]  # [out, G, g]
     return groups.reshape(out_features, in_features).to(dtype)
 

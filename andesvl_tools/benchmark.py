@@ -654,9 +654,14 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
     ids = text_prompt_ids(args.prompt_tokens, args.seed)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     tokens = max(4, args.decode_tokens // 2)
-    contenders = {
-        name: (lambda m=model: generate_timing(m, inputs, tokens)["step_median_s"]) for name, model in variants.items()
-    }
+    prefill: dict[str, list[float]] = {name: [] for name in variants}  # prompt forward seconds, per generate call
+
+    def decode_step_s(name: str, model: torch.nn.Module) -> float:
+        timing = generate_timing(model, inputs, tokens)
+        prefill[name].append(timing["prefill_s"])
+        return timing["step_median_s"]
+
+    contenders = {name: (lambda n=name, m=model: decode_step_s(n, m)) for name, model in variants.items()}
     samples = run_interleaved(contenders, args.repeats)
     bandwidth = measure_bandwidth_gb_s(args.repeats)
     result: dict[str, Any] = {
@@ -666,6 +671,7 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
     }
     for name, model in variants.items():
         per_token = statistics.median(samples[name])
+        prompt_s = prefill[name][1:]  # the timed rounds (the first call is the warm-up)
         weight_bytes = decode_weight_bytes(model)
         roofline = bandwidth * 1e9 / weight_bytes
         result[name] = {
@@ -676,6 +682,7 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
             "decode_weight_mb_per_token": weight_bytes / 2**20,
             "roofline_tokens_per_s": roofline,
             "fraction_of_roofline": (1 / per_token) / roofline,
+            "prefill_s": summary(prompt_s),
         }
     for name in ("int4_kernel", "int8_kernel"):
         result[f"ratio_{name}_over_bf16_tokens_per_s"] = (
@@ -688,6 +695,7 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
         result[f"ratio_{name}_over_fp32_weight_memory"] = (
             result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
         )
+        result[f"ratio_{name}_over_bf16_prefill_s"] = paired_ratio(prefill[name][1:], prefill["bf16"][1:])
     return result
 
 

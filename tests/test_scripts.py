@@ -111,3 +111,8 @@ def test_benchmark_quick_smoke(tmp_path):
     assert report["adapters"]["switch"]["ratio_reload_over_set_adapter"] > 0
     assert report["adapters"]["mixed_batch"]["ratio_mixed_over_adapter_by_adapter_throughput"] > 0
     assert report["quant"]["int4"]["decode_weight_mb_per_token"] < report["quant"]["fp32"]["decode_weight_mb_per_token"]
+    quant = report["quant"]
+    assert quant["int8_kernel"]["decode_weight_mb_per_token"] < quant["bf16"]["decode_weight_mb_per_token"]
+    assert all(quant[name]["prefill_s"]["median"] > 0 and quant[f"ratio_{name}_over_bf16_prefill_s"] > 0
+               for name in ("int4_kernel", "int8_kernel"))  # fmt: skip
+    assert report["environment"]["cpu"]["model"]
