@@ -44,6 +44,11 @@ INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 INT4_KERNEL_MAX_ROWS = 4
 # torch's int8 CPU kernel (`_weight_int8pack_mm`) takes one scale per output row: int8 with group_size PER_ROW.
 PER_ROW = -1
+# Its CPU implementation reads out of bounds (and crashes) unless in_features is a multiple of 16 and the input and the
+# codes start on 32- and 16-byte boundaries (measured with torch 2.13): other widths dequantize, and misaligned tensors
+# (safetensors views, slices) are copied to fresh, 64-byte aligned memory first.
+INT8_KERNEL_IN_MULTIPLE = 16
+KERNEL_ALIGNMENT = 64
 INT8_KERNEL_MAX_ROWS = 4  # measured (1024x3072, 2 threads, Xeon AMX): 1.4-2.6x bf16 F.linear up to 4 rows, 0.7x at 6
 SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype")
 
@@ -190,6 +195,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def is_aligned(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous() and tensor.data_ptr() % KERNEL_ALIGNMENT == 0
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a contiguous copy in fresh memory (torch's CPU allocator aligns to 64 bytes) if it is not
+    contiguous and 64-byte aligned."""
+    return tensor if is_aligned(tensor) else tensor.clone(memory_format=torch.contiguous_format)
+
+
 class NoFloatWeight:
     """What `AndesVLQuantizedLinear.weight` returns: not a tensor, so nothing can be read from or merged into it.
 
@@ -303,8 +318,8 @@ class AndesVLQuantizedLinear(nn.Linear):
             rows = input.reshape(-1, self.in_features)  # [M, in]
             output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scales_and_zeros)
         elif self.uses_int8_kernel(input):
-            rows = input.reshape(-1, self.in_features)  # [M, in]
-            output = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.reshape(-1))  # [M, out]
+            rows = aligned(input.reshape(-1, self.in_features))  # [M, in]
+            output = torch.ops.aten._weight_int8pack_mm(rows, self._int8_kernel_weight(), self.scales.reshape(-1))
         else:
             return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
         output = output.reshape(*input.shape[:-1], self.out_features)
@@ -323,11 +338,13 @@ class AndesVLQuantizedLinear(nn.Linear):
 
     def uses_int8_kernel(self, input: torch.Tensor) -> bool:
         """Whether `forward(input)` reads the int8 codes directly (torch's `_weight_int8pack_mm`): int8 with one bf16
-        scale per output row (group_size PER_ROW) and a kernel-sized input (`_kernel_input`). The kernel's dequantized
-        weight is bit for bit `dequantized_weight(torch.bfloat16)` (tested)."""
+        scale per output row (group_size PER_ROW), in_features a multiple of 16 and a kernel-sized input
+        (`_kernel_input`); misaligned codes or inputs are copied to aligned memory first (the kernel crashes on them).
+        The kernel's dequantized weight is bit for bit `dequantized_weight(torch.bfloat16)` (tested)."""
         return (
             self.bits == 8
             and self.group_size == PER_ROW
+            and self.in_features % INT8_KERNEL_IN_MULTIPLE == 0
             and self._kernel_input(input, INT8_KERNEL_MAX_ROWS)
             and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         )
@@ -343,6 +360,17 @@ class AndesVLQuantizedLinear(nn.Linear):
             and self._kernel_input(input, INT4_KERNEL_MAX_ROWS)
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
+
+    def _int8_kernel_weight(self) -> torch.Tensor:
+        """`qweight` itself when it is aligned for the kernel, else an aligned copy, kept until `qweight` changes."""
+        if is_aligned(self.qweight):
+            return self.qweight
+        key = (self.qweight.data_ptr(), None if self.qweight.is_inference() else self.qweight._version)
+        cached = self.__dict__.get("_int8_kernel_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, aligned(self.qweight))
+            self.__dict__["_int8_kernel_cache"] = cached
+        return cached[1]
 
     def _int4_kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's layout of `qweight` / `scales`, built on first use and again whenever either changes: codes

@@ -518,3 +518,34 @@ def test_a_per_row_int8_folder_decodes_through_the_kernel_with_a_lora_adapter(ti
             layer.uses_int8_kernel = lambda x: False
         slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert fast.tolist() == slow.tolist()
+
+
+def test_the_int8_kernel_gets_aligned_tensors_and_widths_it_cannot_take_dequantize():
+    """torch 2.13's `_weight_int8pack_mm` crashes on codes or inputs off a 16 / 32-byte boundary and on widths that
+    are not multiples of 16: misaligned views (as safetensors loads them) are copied first, other widths dequantize."""
+    layer = int8_row_layer(seed=2)
+    with torch.no_grad():
+        expected = layer(torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(0)).bfloat16())
+    storage = torch.empty(layer.qweight.numel() + 64, dtype=torch.int8)
+    view = storage[8 : 8 + layer.qweight.numel()].view_as(layer.qweight)  # 8 bytes off the allocator's alignment
+    view.copy_(layer.qweight)
+    layer.qweight = view
+    assert not qz.is_aligned(layer.qweight) and qz.is_aligned(layer._int8_kernel_weight())
+    padded = torch.empty(3 * 256 + 4, dtype=torch.bfloat16)
+    x = padded[4:].view(1, 3, 256)  # 8 bytes off
+    x.copy_(torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(0)).bfloat16())
+    assert not qz.is_aligned(x)
+    with torch.no_grad():
+        assert layer.uses_int8_kernel(x)
+        assert torch.equal(layer(x), expected)  # the same kernel on the same values, from aligned copies
+    narrow = nn.Linear(72, 32)
+    narrow_layer = qz.AndesVLQuantizedLinear.from_linear(narrow, 8, qz.PER_ROW, "bfloat16").to(torch.bfloat16)
+    x72 = torch.randn(1, 72).bfloat16()
+    with torch.no_grad():
+        assert not narrow_layer.uses_int8_kernel(x72)
+        torch.testing.assert_close(
+            narrow_layer(x72).float(),
+            F.linear(x72.float(), narrow_layer.dequantized_weight(), narrow.bias.float()),
+            rtol=2e-2,
+            atol=2e-2,
+        )
