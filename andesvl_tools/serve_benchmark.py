@@ -19,7 +19,7 @@ reported apart. Models (`--models`):
 - `0.6b`: a random-init AndesVL-0.6B shape (SigLIP2-Base + Qwen3-0.6B, build_repo's official config) written to a
   temporary folder with two random rank-`--lora-rank` LoRA adapters, so both contenders read the same weights.
 
-    python -m andesvl_tools.serve_benchmark                                   # both models, ~15 min on 2 cores
+    python -m andesvl_tools.serve_benchmark                                   # both models, ~20 min on 2 cores
     python -m andesvl_tools.serve_benchmark --models tiny --repeats 2 --output outputs/serve_benchmark.json
 
 Needs the vLLM line's venv (`bash scripts/setup_env.sh vllm`).
