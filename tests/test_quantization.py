@@ -406,6 +406,30 @@ def test_the_kernel_layout_follows_reloaded_weights_and_inputs_that_need_gradien
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def assert_kernel_decodes_like_the_dequantized_path(folder, kernel_check: str) -> list[nn.Module]:
+    """`folder` loaded in bf16 with a peft LoRA on top: decode steps take the kernel that `kernel_check` (the layer's
+    `uses_int4_kernel` / `uses_int8_kernel`) selects, the prefill does not, and the greedy tokens equal those of the
+    dequantized path. Returns the quantized layers."""
+    model = load_model(folder, dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=model.default_lora_target_modules, init_lora_weights=False)
+    model = get_peft_model(model, config).eval()
+    layers = [module for module in model.modules() if type(module).__name__ == "AndesVLQuantizedLinear"]
+    assert layers
+    calls = []
+    for layer in layers:
+        original = getattr(layer, kernel_check)
+        setattr(layer, kernel_check, lambda x, original=original: calls.append(original(x)) or calls[-1])
+    inputs = packed_inputs(model.config, [(4, 4)])
+    with torch.no_grad():
+        fast = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert any(calls) and not all(calls)  # decode steps on the kernel, the prefill dequantized
+        for layer in layers:
+            setattr(layer, kernel_check, lambda x: False)
+        slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert fast.tolist() == slow.tolist()
+    return layers
+
+
 def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter(tiny_repos, tmp_path):
     """From the CLI to generate: `--scale-dtype bfloat16`, loaded in bf16, a peft LoRA on top; decode steps take the
     kernel (prefill does not), and the greedy tokens equal those of the dequantized path."""
@@ -424,22 +448,7 @@ def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter
             "64",
         ]
     )
-    model = load_model(output, dtype=torch.bfloat16)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=model.default_lora_target_modules, init_lora_weights=False)
-    model = get_peft_model(model, config).eval()
-    layers = [module for module in model.modules() if type(module).__name__ == "AndesVLQuantizedLinear"]
-    calls = []
-    for layer in layers:
-        original = layer.uses_int4_kernel
-        layer.uses_int4_kernel = lambda x, original=original: calls.append(original(x)) or calls[-1]
-    inputs = packed_inputs(model.config, [(4, 4)])
-    with torch.no_grad():
-        fast = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert any(calls) and not all(calls)  # decode steps on the kernel, the prefill dequantized
-        for layer in layers:
-            layer.uses_int4_kernel = lambda x: False
-        slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert fast.tolist() == slow.tolist()
+    assert_kernel_decodes_like_the_dequantized_path(output, "uses_int4_kernel")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -501,23 +510,8 @@ def test_a_per_row_int8_folder_decodes_through_the_kernel_with_a_lora_adapter(ti
     argv = ["--model", str(tiny_repos["siglip2"]), "--output", str(output), "--bits", "8", "--group-size", "-1"]
     quantize.main([*argv, "--scale-dtype", "bfloat16"])
     assert json.loads((output / "config.json").read_text())["quantization"]["group_size"] == -1
-    model = load_model(output, dtype=torch.bfloat16)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=model.default_lora_target_modules, init_lora_weights=False)
-    model = get_peft_model(model, config).eval()
-    layers = [module for module in model.modules() if type(module).__name__ == "AndesVLQuantizedLinear"]
-    assert layers and all(layer.scales.shape[1] == 1 for layer in layers)
-    calls = []
-    for layer in layers:
-        original = layer.uses_int8_kernel
-        layer.uses_int8_kernel = lambda x, original=original: calls.append(original(x)) or calls[-1]
-    inputs = packed_inputs(model.config, [(4, 4)])
-    with torch.no_grad():
-        fast = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert any(calls) and not all(calls)  # decode steps on the kernel, the prefill dequantized
-        for layer in layers:
-            layer.uses_int8_kernel = lambda x: False
-        slow = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert fast.tolist() == slow.tolist()
+    layers = assert_kernel_decodes_like_the_dequantized_path(output, "uses_int8_kernel")
+    assert all(layer.scales.shape[1] == 1 for layer in layers)
 
 
 def test_the_int8_kernel_gets_aligned_tensors_and_widths_it_cannot_take_dequantize():
