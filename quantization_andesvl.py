@@ -24,6 +24,7 @@ settings, longer inputs (prefill) and training dequantize the weight per forward
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -361,30 +362,34 @@ class AndesVLQuantizedLinear(nn.Linear):
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
 
+    def _kernel_layout(self, name: str, build: Callable[[], Any]) -> Any:
+        """`build()`, made on first use and again whenever `qweight` or `scales` changes (in place or replaced);
+        kept outside the state dict."""
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (self.qweight, self.scales))
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self.__dict__[name] = cached
+        return cached[1]
+
     def _int8_kernel_weight(self) -> torch.Tensor:
         """`qweight` itself when it is aligned for the kernel, else an aligned copy, kept until `qweight` changes."""
         if is_aligned(self.qweight):
             return self.qweight
-        key = (self.qweight.data_ptr(), None if self.qweight.is_inference() else self.qweight._version)
-        cached = self.__dict__.get("_int8_kernel_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, aligned(self.qweight))
-            self.__dict__["_int8_kernel_cache"] = cached
-        return cached[1]
+        return self._kernel_layout("_int8_kernel_cache", lambda: aligned(self.qweight))
 
     def _int4_kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's layout of `qweight` / `scales`, built on first use and again whenever either changes: codes
         c become q = c + 8 (the kernel dequantizes (q - 8) * scale + zero), zero points 0; [in/g, out, 2] scales."""
-        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (self.qweight, self.scales))
-        cached = self.__dict__.get("_int4_kernel_cache")
-        if cached is None or cached[0] != key:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             codes = self.codes().to(torch.int32) + 8  # [out, in] in [0, 15]
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             scales = self.scales.t()  # [in/g, out]
             scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()  # [in/g, out, 2]
-            cached = (key, packed, scales_and_zeros)
-            self.__dict__["_int4_kernel_cache"] = cached
-        return cached[1], cached[2]
+            return packed, scales_and_zeros
+
+        return self._kernel_layout("_int4_kernel_cache", build)
 
     def extra_repr(self) -> str:
         quantization = f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
