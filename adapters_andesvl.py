@@ -82,6 +82,7 @@ class AndesVLAdapterMixin:
         folder = _repo_folder(self.name_or_path, f"adapters/{name}/*") / "adapters" / name
         check_adapter_matches_model(folder, self)
         check_adapter_fits_loaded_adapters(folder, self)
+        check_adapter_fits_quantized_base(folder, self)
         adapter_name = adapter_name or name
         if adapter_name in (getattr(self, "peft_config", None) or {}):
             raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another adapter_name.")
@@ -196,6 +197,31 @@ def read_adapter_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
     return config
+
+
+def check_adapter_fits_quantized_base(folder: Path, model: nn.Module) -> None:
+    """On a quantized base: token rows cannot reach a quantized LM head (ValueError), and a QALFT adapter trained
+    against another quantization scheme than this base's still loads, with a warning naming both schemes."""
+    quantization = getattr(model.config, "quantization", None)
+    if not quantization:
+        return
+    if quantization.get("lm_head") and read_adapter_config(folder).get("trainable_token_indices"):
+        raise ValueError(
+            f"Adapter {folder} trains embedding token rows, but this base's LM head is quantized (quantization "
+            "lm_head=true, untied): the adapter's output rows cannot be applied. Use a base quantized without "
+            "--lm-head."
+        )
+    metadata = folder / "andesvl_adapter.json"
+    trained = json.loads(metadata.read_text()).get("qalft") if metadata.is_file() else None
+    keys = ("bits", "group_size", "scale_dtype", "modules")
+    if trained and any(trained.get(key) != quantization.get(key) for key in keys):
+        logging.getLogger(__name__).warning(
+            "Adapter %s was trained with QALFT against %s, but this base is quantized with %s: it loads, but its "
+            "answers may differ from its evaluated ones; quantize the base with that scheme to match.",
+            folder.name,
+            {key: trained.get(key) for key in keys},
+            {key: quantization.get(key) for key in keys},
+        )
 
 
 def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:

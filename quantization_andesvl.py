@@ -51,7 +51,15 @@ PER_ROW = -1
 INT8_KERNEL_IN_MULTIPLE = 16
 KERNEL_ALIGNMENT = 64
 INT8_KERNEL_MAX_ROWS = 4  # measured (1024x3072, 2 threads, Xeon AMX): 1.4-2.6x bf16 F.linear up to 4 rows, 0.7x at 6
-SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype")
+# bf16 scales: what both CPU kernels take (with bf16 activations), so a quantized base decodes on them by default.
+DEFAULT_SCALE_DTYPE = "bfloat16"
+# Inputs with more rows than the kernels take (prefill) multiply the dequantized weight in fp32 on CPU: measured with
+# torch 2.13, a 230-row bf16 matmul is 1.6-5x slower than fp32 on CPUs without (AMD AVX2) and with (Xeon AMX) bf16
+# instructions, so a bf16 quantized base would otherwise prefill slower than the float base.
+PREFILL_DTYPE = torch.float32
+PREFILL_BLOCK_ELEMENTS = 2**21  # weights dequantized per block of output rows in that path (8 MB in fp32; measured best
+# of 2**20-2**22 on 1024- to 9728-wide layers)
+SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype", "lm_head")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -103,8 +111,11 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
         re.compile(modules)
     except re.error as error:
         raise ValueError(f"modules={modules!r} is not a valid regular expression: {error}.") from None
-    scale_dtype = str(scale_dtype_of(spec.get("scale_dtype", "float16"))).removeprefix("torch.")
-    return {"bits": bits, "group_size": group_size, "modules": modules, "scale_dtype": scale_dtype}
+    scale_dtype = str(scale_dtype_of(spec.get("scale_dtype", DEFAULT_SCALE_DTYPE))).removeprefix("torch.")
+    lm_head = spec.get("lm_head", False)
+    if not isinstance(lm_head, bool):
+        raise ValueError(f"lm_head={lm_head!r} must be true or false (quantize the output layer too).")
+    return {"bits": bits, "group_size": group_size, "modules": modules, "scale_dtype": scale_dtype, "lm_head": lm_head}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,7 +124,7 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
+    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = DEFAULT_SCALE_DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (codes int8 [out, in], scales `scale_dtype` [out, in/group_size])."""
     qmax = qmax_for(bits)
@@ -169,7 +180,7 @@ class _StraightThroughFakeQuantize(torch.autograd.Function):
 
 
 def fake_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
+    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = DEFAULT_SCALE_DTYPE
 ) -> torch.Tensor:
     """QALFT: `dequantize(quantize(weight))` in the weight's dtype, with gradients passed unchanged to `weight`."""
     return _StraightThroughFakeQuantize.apply(weight, bits, group_size, scale_dtype_of(scale_dtype))
@@ -184,11 +195,10 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in/2] -> int8 codes in [-8, 7] [out, in] (inverse of `pack_int4`)."""
-    packed = packed.to(torch.int16)
-    low, high = packed & 0xF, (packed >> 4) & 0xF
-    nibbles = torch.stack([low, high], dim=-1).flatten(-2)  # [out, in]
-    return ((nibbles ^ 8) - 8).to(torch.int8)  # sign-extend 4 -> 8 bits
+    """uint8 [out, in/2] -> int8 codes in [-8, 7] [out, in] (inverse of `pack_int4`), in uint8 / int8 throughout
+    (every prefill forward unpacks: half the memory traffic of wider intermediates, measured 2x faster)."""
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)  # uint8 [out, in]
+    return (nibbles ^ 8).view(torch.int8) - 8  # sign-extend 4 -> 8 bits: n ^ 8 - 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,7 +254,7 @@ class AndesVLQuantizedLinear(nn.Linear):
         bias: bool = True,
         bits: int = 4,
         group_size: int = DEFAULT_GROUP_SIZE,
-        scale_dtype: str | torch.dtype = torch.float16,
+        scale_dtype: str | torch.dtype = DEFAULT_SCALE_DTYPE,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -269,7 +279,7 @@ class AndesVLQuantizedLinear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, bits: int, group_size: int, scale_dtype: str | torch.dtype = torch.float16
+        cls, linear: nn.Linear, bits: int, group_size: int, scale_dtype: str | torch.dtype = DEFAULT_SCALE_DTYPE
     ) -> AndesVLQuantizedLinear:
         weight = linear.weight.detach()
         layer = cls(
@@ -321,6 +331,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         elif self.uses_int8_kernel(input):
             rows = aligned(input.reshape(-1, self.in_features))  # [M, in]
             output = torch.ops.aten._weight_int8pack_mm(rows, self._int8_kernel_weight(), self.scales.reshape(-1))
+        elif self.prefills_in_fp32(input):
+            return self._prefill_in_fp32(input)
         else:
             return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
         output = output.reshape(*input.shape[:-1], self.out_features)
@@ -336,6 +348,33 @@ class AndesVLQuantizedLinear(nn.Linear):
             and input.numel() <= max_rows * self.in_features
             and not (torch.is_grad_enabled() and input.requires_grad)
         )
+
+    def prefills_in_fp32(self, input: torch.Tensor) -> bool:
+        """Whether `forward(input)` multiplies the dequantized weight in fp32 (`PREFILL_DTYPE`) and casts the result
+        back to the input's dtype: half-precision inputs on CPU with more rows than the kernels take (prompts,
+        training batches). In fp32 the dequantized weight is exact (`code * scale`), the values QALFT trains with."""
+        return (
+            input.dtype in (torch.bfloat16, torch.float16)
+            and input.device.type == "cpu"
+            and input.numel() > max(INT4_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS) * self.in_features
+        )
+
+    def _prefill_in_fp32(self, input: torch.Tensor) -> torch.Tensor:
+        """`F.linear` in fp32 with the dequantized weight, dequantized `PREFILL_BLOCK_ELEMENTS` at a time (a block of
+        output rows): the block stays in cache for its matmul, and no full-size fp32 weight is allocated (fresh
+        multi-MB buffers cost page faults on every forward; measured 2-5x the dequantization itself at 4B widths)."""
+        rows = input.reshape(-1, self.in_features).to(PREFILL_DTYPE)  # [M, in]
+        step = max(1, PREFILL_BLOCK_ELEMENTS // self.in_features)
+        blocks = []
+        for start in range(0, self.out_features, step):
+            codes = self.qweight[start : start + step]
+            codes = unpack_int4(codes) if self.bits == 4 else codes  # [rows, in]
+            weight = dequantize_weight(codes, self.scales[start : start + step], self.group_size, PREFILL_DTYPE)
+            blocks.append(F.linear(rows, weight))  # [M, rows]
+        output = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)  # [M, out]
+        if self.bias is not None:
+            output = output + self.bias.to(PREFILL_DTYPE)
+        return output.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
 
     def uses_int8_kernel(self, input: torch.Tensor) -> bool:
         """Whether `forward(input)` reads the int8 codes directly (torch's `_weight_int8pack_mm`): int8 with one bf16
@@ -440,10 +479,33 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(full name, module) of the LM head: the output embedding layer that `spec["lm_head"]` quantizes."""
+    head = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if module is head]
+    if not isinstance(head, nn.Linear) or not names:
+        raise ValueError(f"lm_head=true needs an nn.Linear output layer; this model's is {type(head).__name__}.")
+    return names[0], head
+
+
+def untie_word_embeddings(model: nn.Module) -> None:
+    """The quantized LM head has its own codes; the input embedding keeps its float rows (exact lookups)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+
+
 def replace_linear_with_quantized(model: nn.Module, spec: dict[str, Any]) -> list[str]:
-    """Swap the selected `nn.Linear`s for empty `AndesVLQuantizedLinear`s of the same shapes (to be loaded)."""
+    """Swap the selected `nn.Linear`s (and the LM head with `lm_head`) for empty `AndesVLQuantizedLinear`s of the same
+    shapes (to be loaded)."""
     spec = normalize_spec(spec)
     selected = select_linear_modules(model, spec["modules"])
+    if spec["lm_head"]:
+        if model.config.tie_word_embeddings or model.config.get_text_config().tie_word_embeddings:
+            raise ValueError(
+                "quantization.lm_head=true needs tie_word_embeddings=false in config.json (the quantized LM head "
+                "has its own codes and the embedding keeps its float rows); this config ties them."
+            )
+        selected.append(output_layer(model))
     check_groups(selected, spec["group_size"])
     for name, linear in selected:
         # device=None follows the loading context (meta in 5.x); the bias follows the linear's dtype.
@@ -471,16 +533,21 @@ def quantize_model(
     bits: int = 4,
     group_size: int = DEFAULT_GROUP_SIZE,
     modules_regex: str = DEFAULT_MODULES,
-    scale_dtype: str | torch.dtype = "float16",
+    scale_dtype: str | torch.dtype = DEFAULT_SCALE_DTYPE,
+    lm_head: bool = False,
 ) -> dict[str, Any]:
     """Quantize the selected `nn.Linear`s in place, record the spec in `model.config.quantization`, return a report.
 
-    Bits per weight count the scales (int4, group 64, fp16 scales: 4 + 16/64 = 4.25); biases stay float and are
+    With `lm_head`, the LM head too, with the same bits and groups: a tied head gets its own codes (the model is
+    untied, `tie_word_embeddings` false) and the input embedding keeps its float rows, so lookups stay exact.
+    Bits per weight count the scales (int4, group 64, bf16 scales: 4 + 16/64 = 4.25); biases stay float and are
     left out of the quantized-module figure but included in the whole-model one (bytes after / elements before).
     """
     spec = {"bits": bits, "group_size": group_size, "modules": modules_regex, "scale_dtype": scale_dtype}
-    spec = normalize_spec(spec)
+    spec = normalize_spec({**spec, "lm_head": lm_head})
     selected = select_linear_modules(model, spec["modules"])
+    if spec["lm_head"]:
+        selected.append(output_layer(model))
     check_groups(selected, spec["group_size"])
     bytes_before, elements_before = state_bytes(model)
     weights = sum(linear.weight.numel() for _, linear in selected)
@@ -490,6 +557,8 @@ def quantize_model(
         layer = AndesVLQuantizedLinear.from_linear(linear, spec["bits"], spec["group_size"], spec["scale_dtype"])
         quantized_bytes += layer.qweight.nbytes + layer.scales.nbytes
         set_module(model, name, layer)
+    if spec["lm_head"]:
+        untie_word_embeddings(model)
     bytes_after, _ = state_bytes(model)
     if getattr(model, "config", None) is not None:
         model.config.quantization = spec

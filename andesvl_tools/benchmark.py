@@ -35,6 +35,7 @@ import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,12 +127,20 @@ NOTES = {
     "adapter; rss_delta_two_adapters_mb is the process RSS growth when both are added. mixed_batch: 4 text-only rows "
     "with adapter_names ['ocr', 'gui', '__base__', 'ocr'] in one generate() vs one generate() per adapter group "
     "(set_adapter / disable_adapter between them); throughput = generated tokens / wall time.",
-    "quant": "The same 0.6B-shaped model in fp32, bf16 (.to), and weight-only int8 / int4 (quantization_andesvl."
-    "quantize_model, group 64, fp16 scales, language-model projections only; the torch backend dequantizes each "
-    "layer's weight on the fly in every forward). Decode tokens/s as in 'decode' (text-only prompt). "
-    "decode_weight_mb_per_token = bytes one decode step must read (decoder layers + final norm + the tied LM head in "
+    "quant": "The same model (text shape --text-size, 0.6B unless given; --text-layers builds only the first N "
+    "decoder layers, embedding and LM head in full) in fp32, bf16 (.to) and weight-only int8 / int4 "
+    "(quantization_andesvl.quantize_model, language-model projections; 'variants' says what each one is): the "
+    "fp16-scale ones dequantize each weight in every forward, the *_kernel ones (bf16 scales, bf16 model) read the "
+    "packed codes through torch's CPU kernels for decode steps and multiply the dequantized weight in fp32 for the "
+    "prompt; *_head also quantizes the LM head (untied; the embedding lookup stays float). Decode tokens/s as in "
+    "'decode' (text-only prompt of --prompt-tokens); prefill_s = the prompt's forward in generate. "
+    "decode_weight_mb_per_token = bytes one decode step must read (decoder layers + final norm + the LM head in "
     "full); roofline_tokens_per_s = measured read bandwidth (sum over a 512 MB fp32 tensor) / those bytes; "
-    "fraction_of_roofline = measured / roofline.",
+    "fraction_of_roofline = measured / roofline. With --llama-cpp: the same Qwen3 weights (transformers' "
+    "Qwen3ForCausalLM folder) converted by llama.cpp's convert_hf_to_gguf.py to F32 / BF16 and quantized by "
+    "llama-quantize to Q8_0 / Q4_0, timed by llama-bench with the same thread count in the same interleaved rounds "
+    "(decode: -n decode_tokens -d prompt_tokens; prefill: -p prompt_tokens); their bytes per token = the GGUF file "
+    "size. ratio_X_over_llama_cpp_Y_* are paired medians (tokens/s: ours / theirs; prefill_s: ours / theirs).",
 }
 
 
@@ -159,12 +168,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=16, help="Rank of the two benchmark LoRA adapters.")
     parser.add_argument("--quick", action="store_true", help="Tiny widths/depths and small images: a smoke test.")
     parser.add_argument(
+        "--text-size", choices=tuple(build_repo.SIZES), default="0.6B", help="Text model shape of `quant` (0.6B)."
+    )
+    parser.add_argument("--text-layers", type=int, help="`quant`: build only this many decoder layers (memory).")
+    parser.add_argument(
+        "--quant-variants",
+        default=",".join(QUANT_VARIANTS),
+        help=f"Comma-separated subset of {','.join(QUANT_VARIANTS)} for `quant` (the fp32 model is always built).",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="`quant`: also time llama.cpp (F32, BF16, Q8_0, Q4_0 GGUF of the same Qwen3 weights, llama-bench with "
+        "the same threads) from this built llama.cpp tree (scripts/build_llama_cpp.sh)",
+    )
+    parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}."
     )
     args = parser.parse_args(argv)
     if args.decode_tokens is None:
         args.decode_tokens = 8 if args.quick else 32
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.quant_variants = [v.strip() for v in args.quant_variants.split(",") if v.strip()]
+    if sorted(set(args.quant_variants) - set(QUANT_VARIANTS)):
+        parser.error(f"unknown --quant-variants {sorted(set(args.quant_variants) - set(QUANT_VARIANTS))}")
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
@@ -618,84 +646,194 @@ def measure_bandwidth_gb_s(repeats: int, megabytes: int = 512) -> float:
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: the language model's layers and norm, plus the (tied) LM head in full;
-    the embedding lookup reads one row and the vision tower does not run."""
+    """Bytes of weights one decode step reads: the language model's layers and norm, plus the LM head in full (float
+    and tied, or quantized codes and scales); the embedding lookup reads one row and the vision tower does not run."""
     language_model = model.language_model
-    tensors = {
-        id(t): t
-        for t in [
-            *language_model.model.layers.parameters(),
-            *language_model.model.layers.buffers(),
-            *language_model.model.norm.parameters(),
-            language_model.lm_head.weight,
-        ]
-    }
+    modules = (language_model.model.layers, language_model.model.norm, language_model.lm_head)
+    tensors = {id(t): t for module in modules for t in [*module.parameters(), *module.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def quantized_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+# name -> (what it is, compute dtype, quantize_model arguments or None); the *_kernel ones decode on torch's packed
+# CPU kernels (bf16 scales, bf16 activations), the others dequantize every weight in every forward
+FP16_SCALES, BF16_SCALES = dict(scale_dtype="float16"), dict(scale_dtype="bfloat16")
+QUANT_VARIANTS: dict[str, tuple[str, torch.dtype, dict[str, Any] | None]] = {
+    "fp32": ("fp32", torch.float32, None),
+    "bf16": ("bf16 (.to)", torch.bfloat16, None),
+    "int8": ("int8, group 64, fp16 scales, fp32 model", torch.float32, dict(bits=8, group_size=64, **FP16_SCALES)),
+    "int4": ("int4, group 64, fp16 scales, fp32 model", torch.float32, dict(bits=4, group_size=64, **FP16_SCALES)),
+    "int8_kernel": (
+        "int8, one bf16 scale per row, bf16 model: torch's int8 kernel",
+        torch.bfloat16,
+        dict(bits=8, group_size=-1, **BF16_SCALES),
+    ),
+    "int4_kernel": (
+        "int4, group 64, bf16 scales, bf16 model: torch's int4 kernel",
+        torch.bfloat16,
+        dict(bits=4, group_size=64, **BF16_SCALES),
+    ),
+    "int8_kernel_head": (
+        "int8_kernel plus the LM head (--lm-head)",
+        torch.bfloat16,
+        dict(bits=8, group_size=-1, lm_head=True, **BF16_SCALES),
+    ),
+    "int4_kernel_head": (
+        "int4_kernel plus the LM head (--lm-head)",
+        torch.bfloat16,
+        dict(bits=4, group_size=64, lm_head=True, **BF16_SCALES),
+    ),
+}
+
+
+def quantized_variants(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    """The fp32 `model` itself and, for every other name, a copy cast and quantized as QUANT_VARIANTS says."""
     quantize_model = get_class_from_dynamic_module("quantization_andesvl.quantize_model", str(REPO_ROOT))
-    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
-    for bits in (8, 4):
-        variants[f"int{bits}"] = copy.deepcopy(model)
-        quantize_model(variants[f"int{bits}"], bits=bits, group_size=64)
-    # int4 with bf16 scales in a bf16 model: decode steps read the packed weights through torch's int4 CPU kernel
-    variants["int4_kernel"] = copy.deepcopy(model).to(torch.bfloat16)
-    quantize_model(variants["int4_kernel"], bits=4, group_size=64, scale_dtype="bfloat16")
-    # int8 with one bf16 scale per output row (group_size -1) in a bf16 model: torch's int8 CPU kernel
-    variants["int8_kernel"] = copy.deepcopy(model).to(torch.bfloat16)
-    quantize_model(variants["int8_kernel"], bits=8, group_size=-1, scale_dtype="bfloat16")
+    variants = {}
+    for name in names:
+        _, dtype, spec = QUANT_VARIANTS[name]
+        variant = model if name == "fp32" else copy.deepcopy(model).to(dtype)
+        if spec is not None:
+            quantize_model(variant, **spec)
+        variants[name] = variant
     return variants
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# llama.cpp on the same Qwen3 weights (--llama-cpp DIR: a built llama.cpp tree, see scripts/build_llama_cpp.sh)
+# ----------------------------------------------------------------------------------------------------------------------
+
+LLAMA_CPP_TYPES = ("F32", "BF16", "Q8_0", "Q4_0")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json")
+
+
+def llama_cpp_tools(root: Path) -> dict[str, Path]:
+    tools = {
+        "convert": root / "convert_hf_to_gguf.py",
+        "quantize": root / "build" / "bin" / "llama-quantize",
+        "bench": root / "build" / "bin" / "llama-bench",
+    }
+    missing = [str(path) for path in tools.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"--llama-cpp {root}: missing {missing}; build it with scripts/build_llama_cpp.sh")
+    return tools
+
+
+def export_gguf(model: torch.nn.Module, tools: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """The AndesVL language model as transformers' Qwen3ForCausalLM folder -> GGUF F32 / BF16 (convert_hf_to_gguf.py)
+    -> Q8_0 / Q4_0 (llama-quantize, from the F32 file)."""
+    hf_folder = folder / "qwen3"
+    build_qwen3_twin(model).save_pretrained(hf_folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy2(REPO_ROOT / name, hf_folder / name)
+    files = {kind: folder / f"qwen3-{kind.lower()}.gguf" for kind in LLAMA_CPP_TYPES}
+    for kind in ("F32", "BF16"):
+        command = [sys.executable, str(tools["convert"]), str(hf_folder), "--outtype", kind.lower()]
+        subprocess.run([*command, "--outfile", str(files[kind])], check=True, capture_output=True)
+    for kind in ("Q8_0", "Q4_0"):
+        command = [str(tools["quantize"]), str(files["F32"]), str(files[kind]), kind]
+        subprocess.run(command, check=True, capture_output=True)
+    return files
+
+
+def llama_bench(tools: dict[str, Path], gguf: Path, threads: int, prompt: int, depth: int, new: int) -> dict:
+    """One llama-bench test (-r 1): prompt processing of `prompt` tokens, or `new` generated tokens after `depth`."""
+    command = [str(tools["bench"]), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+    command += ["-p", str(prompt), "-n", str(new), "-d", str(depth)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout)[0]
+
+
+def quant_text_shape(args: argparse.Namespace) -> dict[str, Any]:
+    """The text model of `--text-size` (all its layers, or the first `--text-layers`); tiny with --quick."""
+    if args.quick:
+        return dict(QUICK_TEXT)
+    text = {key: build_repo.SIZES[args.text_size][1][key] for key in FULL_TEXT}
+    if args.text_layers:
+        text["num_hidden_layers"] = args.text_layers
+    return text
+
+
+# ours -> the llama.cpp file of the same bits (llama.cpp keeps the tied output matrix at 6 bits in Q4_0: Q6_K)
+LLAMA_CPP_PEERS = {
+    "fp32": "F32",
+    "bf16": "BF16",
+    "int8_kernel": "Q8_0",
+    "int8_kernel_head": "Q8_0",
+    "int4_kernel": "Q4_0",
+    "int4_kernel_head": "Q4_0",
+}
+
+
 def time_quant(args: argparse.Namespace) -> dict[str, Any]:
-    vision, text = (QUICK_VISION, QUICK_TEXT) if args.quick else (FULL_VISION, FULL_TEXT)
-    variants = quantized_variants(build_andesvl(vision, text, "sdpa", args.seed))
+    tools = llama_cpp_tools(args.llama_cpp) if args.llama_cpp else None
+    vision, text = (QUICK_VISION if args.quick else FULL_VISION), quant_text_shape(args)
+    model = build_andesvl(vision, text, "sdpa", args.seed)
     ids = text_prompt_ids(args.prompt_tokens, args.seed)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     tokens = max(4, args.decode_tokens // 2)
-    prefill: dict[str, list[float]] = {name: [] for name in variants}  # prompt forward seconds, per generate call
+    workdir = Path(tempfile.mkdtemp(prefix="andesvl-llama-cpp-"))
+    gguf = export_gguf(model, tools, workdir) if tools else {}
+    variants = quantized_variants(model, args.quant_variants)
+    prefill: dict[str, list[float]] = {name: [] for name in [*variants, *gguf]}  # prompt seconds, per call
 
     def decode_step_s(name: str, model: torch.nn.Module) -> float:
         timing = generate_timing(model, inputs, tokens)
         prefill[name].append(timing["prefill_s"])
         return timing["step_median_s"]
 
+    def llama_step_s(kind: str) -> float:
+        prompt = llama_bench(tools, gguf[kind], args.threads, args.prompt_tokens, 0, 0)
+        prefill[kind].append(prompt["avg_ns"] / 1e9)
+        return 1 / llama_bench(tools, gguf[kind], args.threads, 0, args.prompt_tokens, tokens)["avg_ts"]
+
     contenders = {name: (lambda n=name, m=model: decode_step_s(n, m)) for name, model in variants.items()}
+    contenders |= {kind: (lambda k=kind: llama_step_s(k)) for kind in gguf}
     samples = run_interleaved(contenders, args.repeats)
     bandwidth = measure_bandwidth_gb_s(args.repeats)
     result: dict[str, Any] = {
+        "text_shape": {"size": None if args.quick else args.text_size, **text},
         "decode_tokens": tokens,
         "prompt_tokens": args.prompt_tokens,
         "memory_bandwidth_gb_s": bandwidth,
+        "variants": {name: QUANT_VARIANTS[name][0] for name in variants},
     }
-    for name, model in variants.items():
+    for name in contenders:
         per_token = statistics.median(samples[name])
         prompt_s = prefill[name][1:]  # the timed rounds (the first call is the warm-up)
-        weight_bytes = decode_weight_bytes(model)
+        if name in variants:
+            tensors = [*variants[name].parameters(), *variants[name].buffers()]
+            weight_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+            weight_bytes = decode_weight_bytes(variants[name])
+        else:  # llama.cpp: the GGUF file is the text model's weights (+ a small header)
+            weight_mb = weight_bytes = gguf[name].stat().st_size
+            weight_mb /= 2**20
         roofline = bandwidth * 1e9 / weight_bytes
         result[name] = {
             "decode_tokens_per_s": 1 / per_token,
             "decode_s_per_token": summary(samples[name]),
-            "model_weight_mb": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-            / 2**20,
+            "model_weight_mb": weight_mb,
             "decode_weight_mb_per_token": weight_bytes / 2**20,
             "roofline_tokens_per_s": roofline,
             "fraction_of_roofline": (1 / per_token) / roofline,
             "prefill_s": summary(prompt_s),
         }
-    for name in ("int4_kernel", "int8_kernel"):
-        result[f"ratio_{name}_over_bf16_tokens_per_s"] = (
-            result[name]["decode_tokens_per_s"] / result["bf16"]["decode_tokens_per_s"]
-        )
-    for name in ("bf16", "int8", "int4", "int4_kernel", "int8_kernel"):
-        result[f"ratio_{name}_over_fp32_tokens_per_s"] = (
-            result[name]["decode_tokens_per_s"] / result["fp32"]["decode_tokens_per_s"]
-        )
-        result[f"ratio_{name}_over_fp32_weight_memory"] = (
-            result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
-        )
-        result[f"ratio_{name}_over_bf16_prefill_s"] = paired_ratio(prefill[name][1:], prefill["bf16"][1:])
+    for name in variants:
+        for base in ("fp32", "bf16"):
+            if base in variants and name != base:
+                ratio = result[name]["decode_tokens_per_s"] / result[base]["decode_tokens_per_s"]
+                result[f"ratio_{name}_over_{base}_tokens_per_s"] = ratio
+                result[f"ratio_{name}_over_{base}_prefill_s"] = paired_ratio(prefill[name][1:], prefill[base][1:])
+                if base == "fp32":
+                    ratio = result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
+                    result[f"ratio_{name}_over_fp32_weight_memory"] = ratio
+        peer = LLAMA_CPP_PEERS.get(name)
+        if peer in gguf:
+            result[f"ratio_{name}_over_llama_cpp_{peer}_tokens_per_s"] = paired_ratio(samples[peer], samples[name])
+            result[f"ratio_{name}_over_llama_cpp_{peer}_prefill_s"] = paired_ratio(prefill[name][1:], prefill[peer][1:])
+    if gguf:
+        bench = subprocess.run([str(tools["bench"]), "--version"], capture_output=True, text=True)
+        result["llama_cpp"] = {"root": str(args.llama_cpp), "version": (bench.stdout + bench.stderr).strip()}
+    shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 

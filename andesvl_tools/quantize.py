@@ -112,11 +112,28 @@ def weights_on_disk(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.iterdir() if is_weight_file(path))
 
 
-def write_config(source: Path, output: Path, spec: dict[str, Any]) -> None:
-    """The source config.json (official field set, auto_map) plus the `quantization` spec."""
+def write_config(source: Path, output: Path, spec: dict[str, Any], compute_dtype: str | None = None) -> None:
+    """The source config.json (official field set, auto_map) plus the `quantization` spec, in the compute dtype the
+    scales ask for (bf16 scales: a bf16 model, whose decode steps run on torch's kernels); a quantized LM head unties
+    the output layer from the input embedding."""
     config = json.loads((source / "config.json").read_text())
     config["quantization"] = spec
+    for key in ("torch_dtype", "dtype") if compute_dtype else ():
+        config[key] = compute_dtype
+    if spec.get("lm_head"):
+        for level in (config, config.get("text_config", {})):
+            level["tie_word_embeddings"] = False
     (output / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def compute_dtype(spec: dict[str, Any], config) -> str:
+    """bf16 for bf16 scales (the kernels' dtype, and what the model loads in with `dtype="auto"`), else the
+    source's dtype."""
+    if spec["scale_dtype"] == "bfloat16":
+        return "bfloat16"
+    return str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or "float32").removeprefix(
+        "torch."
+    )
 
 
 def check_folders(source: Path, output: Path) -> None:
@@ -171,23 +188,30 @@ def quantize_folder(args: argparse.Namespace) -> dict[str, Any]:
     quantization = quantization_module(model)
     modules_regex = args.modules or quantization.DEFAULT_MODULES
     group_size = choose_group_size(model, modules_regex, args.group_size, quantization.DEFAULT_GROUP_SIZE)
+    _, elements_before = quantization.state_bytes(model)
+    lm_head = {"lm_head": True} if args.lm_head else {}  # folders whose remote code predates the option refuse it
     report = quantization.quantize_model(
         model,
         bits=args.bits,
         group_size=group_size,
         modules_regex=modules_regex,
         scale_dtype=args.scale_dtype,
+        **lm_head,
     )
-    spec = {key: report[key] for key in ("bits", "group_size", "modules", "scale_dtype")}
+    spec = {key: report[key] for key in quantization.SPEC_KEYS}
+    dtype = compute_dtype(spec, model.config)
+    model.to(getattr(torch, dtype))  # the float parts; the scales keep their dtype
+    saved_bytes = quantization.state_bytes(model)[0]  # in the compute dtype, untied with --lm-head
     with staged_folder(args.output) as staged:  # an earlier output is replaced whole (no stale shards), at the end
         model.save_pretrained(staged)
         copied = copy_non_weight_files(args.model, staged)
-        write_config(args.model, staged, spec)
+        write_config(args.model, staged, spec, dtype)
     del model
 
     reloaded, info = AutoModelForImageTextToText.from_pretrained(
         args.output, trust_remote_code=True, dtype="auto", output_loading_info=True
     )
+    inputs = {key: value.to(reloaded.dtype) if value.is_floating_point() else value for key, value in inputs.items()}
     quantized_logits, quantized_tokens = run_check(reloaded.eval(), inputs, args.check_tokens)
     difference = (quantized_logits - float_logits).abs().max().item()
     float_std = float_logits.std().item()
@@ -197,6 +221,9 @@ def quantize_folder(args: argparse.Namespace) -> dict[str, Any]:
         "backend": backend,
         "backend_note": backend_note,
         **{key: value for key, value in report.items() if key != "module_names"},
+        "compute_dtype": dtype,
+        "saved_model_bytes": saved_bytes,
+        "bits_per_weight_saved_model": 8 * saved_bytes / elements_before,  # every tensor, scales included
         "weights_on_disk_before": weights_on_disk(args.model),
         "weights_on_disk_after": weights_on_disk(args.output),
         "copied": copied,
@@ -235,7 +262,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="regex fullmatched against module names (default: the language model's "
         "attention and MLP projections, never lm_head, the vision encoder or the projector)",
     )
-    parser.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    parser.add_argument(
+        "--scale-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="bfloat16",
+        help="scale dtype (default bfloat16: the CPU kernels' dtype; the folder is then saved as a bf16 model). The "
+        "shipped *-qalft-int4 adapters of AndesVL-Tiny trained against float16 scales, group 16",
+    )
+    parser.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="quantize the LM head too (same bits and groups; the embedding keeps its float rows, so the folder is "
+        "untied: tie_word_embeddings false)",
+    )
     parser.add_argument(
         "--backend",
         choices=("torch", "torchao", "auto"),

@@ -44,10 +44,10 @@ template) trained from scratch on a 2-core CPU with this repository's own script
 packages (easy-vqa, captcha fonts, synthetic phone screens). It is a demonstration that exercises exactly the code
 path of the official sizes; it is not a substitute for the official AndesVL weights.
 
-Adapters (`adapters/`): {adapters}. A name ending in `-qalft-int4` was trained with QALFT against the
-int4-quantized base (`andesvl_tools/quantize.py --bits 4 --group-size 16`); the others are plain LoRA for this float
-base. All four are LoRA on the text model's linears only, so every loading path serves them (peft's integrated API,
-mixed batches, hot-swap). Data, recipe and the evaluation tables: the repository's `docs/andesvl-tiny.md`; the
+Adapters (`adapters/`): {adapters}. A name ending in `-qalft-int4` was trained with QALFT against the int4-quantized
+base (`andesvl_tools/quantize.py --bits 4 --group-size 16 --scale-dtype float16`); the others are plain LoRA for this
+float base. All four are LoRA on the text model's linears only, so every loading path serves them (peft's integrated
+API, mixed batches, hot-swap). Data, recipe and the evaluation tables: the repository's `docs/andesvl-tiny.md`; the
 recorded accuracies are in `eval/`, the training curves in `training/`.
 """
 

@@ -6,6 +6,7 @@
 # Group size 16 divides every in_features of this model.
 LM_TARGETS='language_model\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)'
 GROUP=16
+SCALE_DTYPE=float16  # what the shipped *-qalft-int4 adapters trained against (the quantizer now defaults to bfloat16)
 
 adapter() {  # name seed train-file eval-file steps [finetune_lora flags]
   local name="$1" seed="$2" train="$3" eval="$4" steps="$5"; shift 5
@@ -35,10 +36,10 @@ adapter_pairs() {  # seed suffix: ocr, ocr-qalft-int4, gui, gui-qalft-int4 (each
   # Two single-threaded trainings at a time use both cores better than one two-threaded one.
   phase "adapters: ocr$suffix (plain LoRA | QALFT int4), seed $seed"
   adapter "ocr$suffix" "$seed" "${ocr[@]}" & first=$!
-  adapter "ocr-qalft-int4$suffix" "$seed" "${ocr[@]}" --qalft int4 --qalft-group-size "$GROUP" & second=$!
+  adapter "ocr-qalft-int4$suffix" "$seed" "${ocr[@]}" --qalft int4 --qalft-group-size "$GROUP" --qalft-scale-dtype "$SCALE_DTYPE" & second=$!
   wait "$first"; wait "$second"
   phase "adapters: gui$suffix (plain LoRA | QALFT int4), seed $seed"
   adapter "gui$suffix" "$seed" "${gui[@]}" & first=$!
-  adapter "gui-qalft-int4$suffix" "$seed" "${gui[@]}" --qalft int4 --qalft-group-size "$GROUP" & second=$!
+  adapter "gui-qalft-int4$suffix" "$seed" "${gui[@]}" --qalft int4 --qalft-group-size "$GROUP" --qalft-scale-dtype "$SCALE_DTYPE" & second=$!
   wait "$first"; wait "$second"
 }

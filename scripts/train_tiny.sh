@@ -69,7 +69,7 @@ adapter_pairs 0 ""  # scripts/tiny_adapters.sh
 
 phase "int4 base"
 if [ ! -f "$out/AndesVL-Tiny-int4/config.json" ]; then
-  "$py" -m andesvl_tools.quantize --model "$model" --bits 4 --group-size "$GROUP" --output "$out/AndesVL-Tiny-int4"
+  "$py" -m andesvl_tools.quantize --model "$model" --bits 4 --group-size "$GROUP" --scale-dtype "$SCALE_DTYPE" --output "$out/AndesVL-Tiny-int4"
 fi
 phase "done: $model ($(du -shL "$model" | cut -f1))"
 echo "next: bash scripts/eval_tiny.sh $out   (reports), python -m andesvl_tools.ship_tiny --work $out   (into the repo)"

@@ -7,8 +7,11 @@ Run: `.venv/tf4/bin/python -m pytest tests/test_quantization.py -q` (and the sam
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -110,7 +113,9 @@ def test_fake_quantize_forward_is_exactly_the_dequantized_weight(bits, dtype):
     fake = qz.fake_quantize(weight, bits, GROUP)
     assert fake.dtype == dtype and torch.equal(fake, expected)
     layer = qz.AndesVLQuantizedLinear.from_linear(_linear_with(weight), bits, GROUP)
-    inputs = torch.randn(3, 128).to(dtype)
+    # inputs that need gradients, as in training (decode-sized bf16 inputs without them take the kernel, whose
+    # dequantized weight is checked against fake_quantize below)
+    inputs = torch.randn(3, 128).to(dtype).requires_grad_(True)
     assert torch.equal(layer(inputs), F.linear(inputs, fake))  # deployed forward == QALFT forward
 
 
@@ -177,8 +182,10 @@ def test_cli_writes_a_complete_folder_that_loads_cleanly_and_generates(quantized
         "bits": report["bits"],
         "group_size": GROUP,
         "modules": qz.DEFAULT_MODULES,
-        "scale_dtype": "float16",
+        "scale_dtype": "bfloat16",  # the default: the CPU kernels' scales
+        "lm_head": False,
     }
+    assert config["torch_dtype"] == config["dtype"] == report["compute_dtype"] == "bfloat16"
     assert json.loads((output / quantize.REPORT_NAME).read_text())["check"] == report["check"]
 
     model, info = AutoModel.from_pretrained(output, trust_remote_code=True, output_loading_info=True)
@@ -206,18 +213,22 @@ def test_fake_quantize_equals_the_saved_model_bit_for_bit(quantized, cached_mode
     float_model, quantized_model = cached_model(source), cached_model(output)
     for name in quantized_names(quantized_model):
         weight = float_model.get_submodule(name).weight
-        fake = qz.fake_quantize(weight, report["bits"], GROUP, "float16")
+        fake = qz.fake_quantize(weight, report["bits"], GROUP, "bfloat16")
         assert torch.equal(quantized_model.get_submodule(name).dequantized_weight(torch.float32), fake), name
 
 
 def test_bits_per_weight_and_sizes_count_the_scales(quantized):
     _, output, report = quantized
-    assert report["bits_per_weight_quantized_modules"] == report["bits"] + 16 / GROUP  # int4 g64 fp16 -> 4.25
+    assert report["bits_per_weight_quantized_modules"] == report["bits"] + 16 / GROUP  # int4 g64 bf16 -> 4.25
     assert report["model_bytes_before"] - report["model_bytes_after"] == (
         report["quantized_modules_bytes_before"] - report["quantized_modules_bytes_after"]
     )
     assert report["quantized_modules_bytes_after"] * 8 == report["quantized_weights"] * (report["bits"] + 16 / GROUP)
     assert report["weights_on_disk_after"] < report["weights_on_disk_before"]
+    assert abs(report["saved_model_bytes"] - report["weights_on_disk_after"]) < 2**16  # safetensors header
+    assert report["bits_per_weight_saved_model"] == 8 * report["saved_model_bytes"] / (
+        report["model_bytes_before"] / 4  # the tiny source is fp32
+    )
     assert report["backend"] == "torch"
 
 
@@ -248,7 +259,7 @@ def test_bf16_model_quantized_saved_and_reloaded_matches_fake_quantize(tiny_repo
     model = load_model(tiny_repos["siglip2"], dtype=torch.bfloat16)
     selected = qz.select_linear_modules(model, qz.DEFAULT_MODULES)
     weights = {name: linear.weight.detach().clone() for name, linear in selected}
-    quantize.quantization_module(model).quantize_model(model, bits=4)
+    quantize.quantization_module(model).quantize_model(model, bits=4, scale_dtype="float16")
     model.save_pretrained(tmp_path)
     quantize.copy_non_weight_files(tiny_repos["siglip2"], tmp_path)
     quantize.write_config(tiny_repos["siglip2"], tmp_path, model.config.quantization)
@@ -256,7 +267,7 @@ def test_bf16_model_quantized_saved_and_reloaded_matches_fake_quantize(tiny_repo
     for name, weight in weights.items():
         layer = reloaded.get_submodule(name)
         assert layer.scales.dtype == torch.float16  # not cast to the model dtype on load
-        fake = qz.fake_quantize(weight, 4, GROUP)
+        fake = qz.fake_quantize(weight, 4, GROUP, "float16")
         assert torch.equal(layer.dequantized_weight(torch.bfloat16), fake), name
         inputs = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
         assert torch.equal(layer(inputs), F.linear(inputs, fake)), name
@@ -267,19 +278,19 @@ def test_dtype_moves_keep_codes_and_scales(quantize_tiny):
     model = load_model(output)
     layer = model.get_submodule(quantized_names(model)[0])
     qweight, scales = layer.qweight.clone(), layer.scales.clone()
-    model.to(torch.bfloat16)  # a float16 -> bfloat16 cast would round the scales
+    model.to(torch.float16)  # a bfloat16 -> float16 cast would round the scales
     assert torch.equal(layer.qweight, qweight) and torch.equal(layer.scales, scales)
-    assert layer.scales.dtype == torch.float16 and model.dtype == torch.bfloat16
-    assert layer.weight.dtype == torch.bfloat16 and layer.weight.shape == (layer.out_features, layer.in_features)
-    inputs = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
-    assert torch.equal(layer(inputs), F.linear(inputs, layer.dequantized_weight(torch.bfloat16)))
+    assert layer.scales.dtype == torch.bfloat16 and model.dtype == torch.float16
+    assert layer.weight.dtype == torch.float16 and layer.weight.shape == (layer.out_features, layer.in_features)
+    inputs = torch.randn(2, layer.in_features, dtype=torch.float16)
+    assert torch.equal(layer(inputs), F.linear(inputs, layer.dequantized_weight(torch.float16)))
     with pytest.raises(AttributeError, match="no float weight"):
         layer.weight.data  # noqa: B018
 
 
 def test_plain_peft_lora_on_the_quantized_base(quantize_tiny, tmp_path):
     _, output, _ = quantize_tiny("aimv2", 4)  # int8 layers are the same class; only the code unpacking differs
-    model = load_model(output)
+    model = load_model(output, dtype=torch.float32)  # fp32 compute: exact comparisons (bf16 decoding: see below)
     inputs = packed_inputs(model.config, [(4, 4)])
     with torch.no_grad():
         base = model(**inputs).logits
@@ -308,9 +319,9 @@ def test_plain_peft_lora_on_the_quantized_base(quantize_tiny, tmp_path):
 
     peft_model.save_pretrained(tmp_path / "adapters" / "qa")
     with torch.no_grad():
-        wrapped = PeftModel.from_pretrained(load_model(output), tmp_path, subfolder="adapters/qa")
+        wrapped = PeftModel.from_pretrained(load_model(output, dtype=torch.float32), tmp_path, subfolder="adapters/qa")
         assert torch.equal(wrapped(**inputs).logits, adapted)
-        integrated = load_model(output)
+        integrated = load_model(output, dtype=torch.float32)
         integrated.load_adapter(str(tmp_path / "adapters" / "qa"), adapter_name="qa")
         integrated.set_adapter("qa")
         assert torch.equal(integrated(**inputs).logits, adapted)
@@ -543,3 +554,104 @@ def test_the_int8_kernel_gets_aligned_tensors_and_widths_it_cannot_take_dequanti
             rtol=2e-2,
             atol=2e-2,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts in fp32, and the quantized LM head (`--lm-head`)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_rows", [None, 8])
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (4, 16)])
+def test_half_precision_prompts_multiply_the_exact_dequantized_weight_in_fp32(
+    bits, group_size, block_rows, monkeypatch
+):
+    """Inputs longer than the kernels take (prefill) compute in fp32 on CPU and come back in the input's dtype:
+    exactly `F.linear` in fp32 with `code * scale`, the weight QALFT trains with in fp32, whether the weight is
+    dequantized at once or a block of output rows at a time (`block_rows`: 12 blocks of 8 rows)."""
+    if block_rows:
+        monkeypatch.setattr(qz, "PREFILL_BLOCK_ELEMENTS", block_rows * 256)
+    linear = nn.Linear(256, 96)
+    linear.weight.data = random_weight(96, 256, seed=3)
+    layer = qz.AndesVLQuantizedLinear.from_linear(linear, bits, group_size).to(torch.bfloat16).eval()
+    rows = max(qz.INT4_KERNEL_MAX_ROWS, qz.INT8_KERNEL_MAX_ROWS) + 1
+    x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    fake = qz.fake_quantize(linear.weight.detach(), bits, group_size)  # fp32, bf16 scales (the default)
+    with torch.no_grad():
+        assert layer.prefills_in_fp32(x) and not layer.uses_int4_kernel(x) and not layer.uses_int8_kernel(x)
+        got = layer(x)
+        expected = F.linear(x.float(), fake, layer.bias.float()).bfloat16()
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+        assert not layer.prefills_in_fp32(x[:, :1]) and not layer.prefills_in_fp32(x.float())
+    x.requires_grad_(True)
+    layer(x).float().sum().backward()  # training through the base: the fp32 matmul is differentiable
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def lm_head_folder(tiny_repos, tmp_path_factory):
+    output = tmp_path_factory.mktemp("lm_head") / "int4-lm-head"
+    argv = ["--model", str(tiny_repos["aimv2"]), "--output", str(output), "--bits", "4", "--lm-head"]
+    return tiny_repos["aimv2"], output, quantize.main(argv)
+
+
+def test_a_quantized_lm_head_gets_its_own_codes_and_the_embedding_stays_exact(lm_head_folder, cached_model):
+    source, output, report = lm_head_folder
+    config = json.loads((output / "config.json").read_text())
+    assert config["quantization"]["lm_head"] is True
+    assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+    assert report["quantized_modules"] == 14 + 1 and not any(report["check"]["loading_info"].values())
+    float_model = cached_model(source)
+    model, info = AutoModel.from_pretrained(output, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert type(head).__name__ == "AndesVLQuantizedLinear" and type(embed) is nn.Embedding
+    source_embed = float_model.get_input_embeddings().weight
+    assert torch.equal(embed.weight.float(), source_embed.bfloat16().float())  # float rows, as saved (bf16)
+    fake = qz.fake_quantize(source_embed, 4, GROUP)
+    assert torch.equal(head.dequantized_weight(torch.float32), fake)  # the same quantizer as the projections
+    keys = set(model.state_dict())
+    assert {"language_model.lm_head.qweight", "language_model.lm_head.scales"} <= keys
+    assert "language_model.lm_head.weight" not in keys and "language_model.model.embed_tokens.weight" in keys
+    x = torch.randn(1, 1, head.in_features).bfloat16()
+    with torch.no_grad():
+        assert head.to(torch.bfloat16).uses_int4_kernel(x)  # decode steps read the head's packed codes too
+
+
+def test_a_quantized_lm_head_decodes_through_the_kernel_with_a_lora_adapter(lm_head_folder):
+    _, output, _ = lm_head_folder
+    layers = assert_kernel_decodes_like_the_dequantized_path(output, "uses_int4_kernel")
+    assert any(layer.out_features == 151936 for layer in layers)  # the LM head (one row per vocabulary entry)
+
+
+def test_a_tied_config_cannot_ask_for_a_quantized_lm_head(tiny_repos):
+    config = AutoConfig.from_pretrained(tiny_repos["aimv2"], trust_remote_code=True)
+    config.quantization = {"bits": 4, "lm_head": True}
+    with pytest.raises(ValueError, match=r"lm_head=true needs tie_word_embeddings=false"):
+        AutoModel.from_config(config, trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"lm_head=1 must be true or false"):
+        qz.normalize_spec({"lm_head": 1})
+
+
+def test_scenario_adapters_on_a_quantized_base_are_checked_against_its_scheme(lm_head_folder, tmp_path, caplog):
+    """Token rows cannot reach a quantized LM head (clear error, nothing loaded); a QALFT adapter trained against
+    another scheme than the base's loads with a warning that names both schemes."""
+    source, quantized_folder, _ = lm_head_folder
+    repo = tmp_path / "AndesVL-int4-head"
+    shutil.copytree(quantized_folder, repo)
+    model = load_model(source)
+    torch.manual_seed(0)
+    for name, extra in (("rows", {"trainable_token_indices": [11, 12]}), ("qalft", {})):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=qz.DEFAULT_MODULES, init_lora_weights=False, **extra)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+        peft_model.save_pretrained(repo / "adapters" / name)
+    trained = {"bits": 4, "group_size": 16, "modules": qz.DEFAULT_MODULES, "scale_dtype": "float16"}
+    (repo / "adapters" / "qalft" / "andesvl_adapter.json").write_text(json.dumps({"qalft": trained}))
+    base = load_model(repo)
+    with pytest.raises(ValueError, match=r"trains embedding token rows, but this base's LM head is quantized"):
+        base.load_scenario_adapter("rows")
+    assert not getattr(base, "peft_config", None)  # nothing half-loaded
+    with caplog.at_level(logging.WARNING):
+        base.load_scenario_adapter("qalft")
+    assert "'group_size': 16" in caplog.text and "'group_size': 64" in caplog.text
+    assert base.active_adapters() == ["qalft"]

@@ -115,4 +115,20 @@ def test_benchmark_quick_smoke(tmp_path):
     assert quant["int8_kernel"]["decode_weight_mb_per_token"] < quant["bf16"]["decode_weight_mb_per_token"]
     assert all(quant[name]["prefill_s"]["median"] > 0 and quant[f"ratio_{name}_over_bf16_prefill_s"] > 0
                for name in ("int4_kernel", "int8_kernel"))  # fmt: skip
+    head, no_head = quant["int4_kernel_head"], quant["int4_kernel"]  # the quantized LM head reads ~4x fewer bytes
+    assert head["decode_weight_mb_per_token"] < no_head["decode_weight_mb_per_token"] / 2
+    assert quant["ratio_int4_kernel_head_over_fp32_tokens_per_s"] > 0
     assert report["environment"]["cpu"]["model"]
+
+
+def test_benchmark_names_what_a_llama_cpp_tree_lacks(tmp_path):
+    """`--llama-cpp DIR` (the quant section's peer, built outside CI by scripts/build_llama_cpp.sh) must be a built
+    llama.cpp tree; anything else stops before any model is built, naming the missing files."""
+    from andesvl_tools import benchmark
+
+    with pytest.raises(SystemExit, match=r"missing .*convert_hf_to_gguf\.py.*llama-quantize.*llama-bench"):
+        benchmark.main(
+            ["--quick", "--sections", "quant", "--llama-cpp", str(tmp_path), "--output", str(tmp_path / "b")]
+        )
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--sections", "quant", "--quant-variants", "fp32,int2"])
