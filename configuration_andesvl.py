@@ -229,9 +229,10 @@ class AndesVLConfig(PretrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `True`): share the LM head with the input embedding.
             Kept at the top level (transformers 5 reads it there) and mirrored into `text_config` (4.x reads it there).
         quantization (`dict`, *optional*): a weight-only quantized base (see `quantization_andesvl.py`):
-            `{"bits": 4 | 8, "group_size": int, "modules": regex, "scale_dtype": "float16" | "bfloat16" | "float32"}`.
-            The `nn.Linear`s whose full names fullmatch `modules` are built as `AndesVLQuantizedLinear` (state keys
-            `qweight`, `scales`). `None` (default) means a float model. Written by `scripts/quantize.py`.
+            `{"bits": 4 | 8, "group_size": int, "modules": regex, "scale_dtype": "float16" | "bfloat16" | "float32",
+            "lm_head": bool}`. The `nn.Linear`s whose full names fullmatch `modules` (and, with `lm_head`, the LM head,
+            which needs `tie_word_embeddings=False`) are built as `AndesVLQuantizedLinear` (state keys `qweight`,
+            `scales`). `None` (default) means a float model. Written by `andesvl_tools/quantize.py`.
     """
 
     model_type = "andesvl"

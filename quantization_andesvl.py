@@ -13,12 +13,15 @@ weight that `AndesVLQuantizedLinear` computes from the saved `qweight`/`scales`.
 
 On disk: int4 codes are packed two per uint8 (`qweight` [out, in/2]), int8 codes are int8 (`qweight` [out, in]),
 `scales` [out, in/group_size] ([out, 1] per row). `config.quantization` (`{"bits", "group_size", "modules",
-"scale_dtype"}`) makes `AndesVLForConditionalGeneration.__init__` build the quantized layers, so `from_pretrained`
-loads those keys as is.
+"scale_dtype", "lm_head"}`) makes `AndesVLForConditionalGeneration.__init__` build the quantized layers, so
+`from_pretrained` loads those keys as is. `lm_head` also quantizes the LM head (untied: the input embedding keeps its
+float rows, so lookups stay exact).
 
-Decoding on CPU in bf16 (bf16 scales, bf16 activations) reads the codes directly through torch's kernels: int4 with a
-group of 32-256 (`_weight_int4pack_mm_for_cpu`), int8 with one scale per row (`_weight_int8pack_mm`); other
-settings, longer inputs (prefill) and training dequantize the weight per forward.
+Decoding on CPU in bf16 (bf16 scales, the default, and bf16 activations) reads the codes directly through torch's
+kernels: int4 with a group of 32-256 (`_weight_int4pack_mm_for_cpu`), int8 with one scale per row
+(`_weight_int8pack_mm`). Longer half-precision inputs on CPU (prompts, training batches) multiply the dequantized
+weight in fp32, a block of output rows at a time; other settings dequantize the weight per forward in the compute
+dtype.
 """
 
 from __future__ import annotations
