@@ -491,6 +491,16 @@ def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:
     return names[0], head
 
 
+def select_targets(model: nn.Module, spec: dict[str, Any]) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every linear a normalized `spec` quantizes: the `modules` matches, plus the LM head with
+    `lm_head`; the group size is checked against all of them."""
+    selected = select_linear_modules(model, spec["modules"])
+    if spec["lm_head"]:
+        selected.append(output_layer(model))
+    check_groups(selected, spec["group_size"])
+    return selected
+
+
 def untie_word_embeddings(model: nn.Module) -> None:
     """The quantized LM head has its own codes; the input embedding keeps its float rows (exact lookups)."""
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
@@ -501,15 +511,12 @@ def replace_linear_with_quantized(model: nn.Module, spec: dict[str, Any]) -> lis
     """Swap the selected `nn.Linear`s (and the LM head with `lm_head`) for empty `AndesVLQuantizedLinear`s of the same
     shapes (to be loaded)."""
     spec = normalize_spec(spec)
-    selected = select_linear_modules(model, spec["modules"])
-    if spec["lm_head"]:
-        if model.config.tie_word_embeddings or model.config.get_text_config().tie_word_embeddings:
-            raise ValueError(
-                "quantization.lm_head=true needs tie_word_embeddings=false in config.json (the quantized LM head "
-                "has its own codes and the embedding keeps its float rows); this config ties them."
-            )
-        selected.append(output_layer(model))
-    check_groups(selected, spec["group_size"])
+    if spec["lm_head"] and (model.config.tie_word_embeddings or model.config.get_text_config().tie_word_embeddings):
+        raise ValueError(
+            "quantization.lm_head=true needs tie_word_embeddings=false in config.json (the quantized LM head has its "
+            "own codes and the embedding keeps its float rows); this config ties them."
+        )
+    selected = select_targets(model, spec)
     for name, linear in selected:
         # device=None follows the loading context (meta in 5.x); the bias follows the linear's dtype.
         layer = AndesVLQuantizedLinear(
@@ -548,10 +555,7 @@ def quantize_model(
     """
     spec = {"bits": bits, "group_size": group_size, "modules": modules_regex, "scale_dtype": scale_dtype}
     spec = normalize_spec({**spec, "lm_head": lm_head})
-    selected = select_linear_modules(model, spec["modules"])
-    if spec["lm_head"]:
-        selected.append(output_layer(model))
-    check_groups(selected, spec["group_size"])
+    selected = select_targets(model, spec)
     bytes_before, elements_before = state_bytes(model)
     weights = sum(linear.weight.numel() for _, linear in selected)
     float_bytes = sum(linear.weight.numel() * linear.weight.element_size() for _, linear in selected)

@@ -131,9 +131,8 @@ def compute_dtype(spec: dict[str, Any], config) -> str:
     source's dtype."""
     if spec["scale_dtype"] == "bfloat16":
         return "bfloat16"
-    return str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or "float32").removeprefix(
-        "torch."
-    )
+    source = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(source).removeprefix("torch.")
 
 
 def check_folders(source: Path, output: Path) -> None:
