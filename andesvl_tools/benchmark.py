@@ -771,24 +771,25 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
     ids = text_prompt_ids(args.prompt_tokens, args.seed)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     tokens = max(4, args.decode_tokens // 2)
-    workdir = Path(tempfile.mkdtemp(prefix="andesvl-llama-cpp-"))
-    gguf = export_gguf(model, tools, workdir) if tools else {}
-    variants = quantized_variants(model, args.quant_variants)
-    prefill: dict[str, list[float]] = {name: [] for name in [*variants, *gguf]}  # prompt seconds, per call
+    with tempfile.TemporaryDirectory(prefix="andesvl-llama-cpp-") as workdir:  # the GGUF files, removed on any exit
+        gguf = export_gguf(model, tools, Path(workdir)) if tools else {}
+        gguf_bytes = {kind: path.stat().st_size for kind, path in gguf.items()}
+        variants = quantized_variants(model, args.quant_variants)
+        prefill: dict[str, list[float]] = {name: [] for name in [*variants, *gguf]}  # prompt seconds, per call
 
-    def decode_step_s(name: str, model: torch.nn.Module) -> float:
-        timing = generate_timing(model, inputs, tokens)
-        prefill[name].append(timing["prefill_s"])
-        return timing["step_median_s"]
+        def decode_step_s(name: str, model: torch.nn.Module) -> float:
+            timing = generate_timing(model, inputs, tokens)
+            prefill[name].append(timing["prefill_s"])
+            return timing["step_median_s"]
 
-    def llama_step_s(kind: str) -> float:
-        prompt = llama_bench(tools, gguf[kind], args.threads, args.prompt_tokens, 0, 0)
-        prefill[kind].append(prompt["avg_ns"] / 1e9)
-        return 1 / llama_bench(tools, gguf[kind], args.threads, 0, args.prompt_tokens, tokens)["avg_ts"]
+        def llama_step_s(kind: str) -> float:
+            prompt = llama_bench(tools, gguf[kind], args.threads, args.prompt_tokens, 0, 0)
+            prefill[kind].append(prompt["avg_ns"] / 1e9)
+            return 1 / llama_bench(tools, gguf[kind], args.threads, 0, args.prompt_tokens, tokens)["avg_ts"]
 
-    contenders = {name: (lambda n=name, m=model: decode_step_s(n, m)) for name, model in variants.items()}
-    contenders |= {kind: (lambda k=kind: llama_step_s(k)) for kind in gguf}
-    samples = run_interleaved(contenders, args.repeats)
+        contenders = {name: (lambda n=name, m=model: decode_step_s(n, m)) for name, model in variants.items()}
+        contenders |= {kind: (lambda k=kind: llama_step_s(k)) for kind in gguf}
+        samples = run_interleaved(contenders, args.repeats)
     bandwidth = measure_bandwidth_gb_s(args.repeats)
     result: dict[str, Any] = {
         "text_shape": {"size": None if args.quick else args.text_size, **text},
@@ -805,8 +806,8 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
             weight_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
             weight_bytes = decode_weight_bytes(variants[name])
         else:  # llama.cpp: the GGUF file is the text model's weights (+ a small header)
-            weight_mb = weight_bytes = gguf[name].stat().st_size
-            weight_mb /= 2**20
+            weight_bytes = gguf_bytes[name]
+            weight_mb = weight_bytes / 2**20
         roofline = bandwidth * 1e9 / weight_bytes
         result[name] = {
             "decode_tokens_per_s": 1 / per_token,
@@ -833,7 +834,6 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
     if gguf:
         bench = subprocess.run([str(tools["bench"]), "--version"], capture_output=True, text=True)
         result["llama_cpp"] = {"root": str(args.llama_cpp), "version": (bench.stdout + bench.stderr).strip()}
-    shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
