@@ -16,7 +16,7 @@ Attention goes through transformers' attention registry (`eager`, `sdpa`, `flash
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,20 @@ def image_cu_seqlens(image_grid_hw: torch.Tensor) -> torch.Tensor:
     """Cumulative patch counts [num_images + 1] (int32), the varlen boundaries of per-image attention."""
     lengths = image_grid_hw.prod(-1).to(torch.int32)
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+class VisionGeometry(NamedTuple):
+    """What the image grids fix for an encoder pass, computed from `image_grid_hw` read as Python ints (eager only,
+    `image_geometry`), so that the pass itself (`encode_patches`) is tensor-only and exportable (one fixed grid).
+
+    position_table: the learned table resized to every grid, [N, D] (None when the encoder has none).
+    position_embeddings: the 2-D rotary (cos, sin), each [N, head_dim] (None without RoPE).
+    cu_seqlens: per-image boundaries [num_images + 1] (None: all patches are one image).
+    """
+
+    position_table: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    cu_seqlens: torch.Tensor | None
 
 
 class AndesVLVisionRotaryEmbedding(nn.Module):
@@ -195,14 +209,22 @@ class AndesVLVisionAttention(nn.Module):
         return self.project_out(attn_output.reshape(num_patches, -1))
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs: Any
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        **kwargs: Any,
     ) -> torch.Tensor:
+        """Attention within each image (`cu_seqlens` boundaries; None: one image, the path export traces)."""
         implementation = self.config._attn_implementation or "sdpa"
         attention: Callable = (
             eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         )
         common = dict(attention_mask=None, scaling=self.scaling, is_causal=False, **kwargs)
         common["dropout"] = self.attention_dropout if self.training else 0.0
+        if cu_seqlens is None:
+            return attention(self, query, key, value, **common)[0]
         if "flash" in implementation:  # varlen kernels attend within each image natively
             max_length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             varlen = dict(
@@ -244,11 +266,15 @@ class AndesVLAimv2Preprocessor(nn.Module):
         else:
             self.pos_embed = None
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
+    def position_table(self, image_grid_hw: torch.Tensor) -> torch.Tensor | None:
+        """The learned table resized to every grid, [N, D] in block order (None without one)."""
+        if self.pos_embed is None:
+            return None
+        return resize_position_table(self.pos_embed[0], image_grid_hw, self.merge_size)
+
+    def forward(self, pixel_values: torch.Tensor, position_table: torch.Tensor | None) -> torch.Tensor:
         tokens = self.patchifier(pixel_values)  # [N, D]
-        if self.pos_embed is not None:
-            tokens = tokens + resize_position_table(self.pos_embed[0], image_grid_hw, self.merge_size)
-        return tokens
+        return tokens if position_table is None else tokens + position_table
 
 
 class AndesVLAimv2Attention(AndesVLVisionAttention):
@@ -317,9 +343,19 @@ class AndesVLAimv2VisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """pixel_values: [N, C*p*p] packed patches; image_grid_hw: [num_images, 2]. Returns [N, D] in block order."""
         check_packed_images(pixel_values, image_grid_hw, self.config.merge_size)
-        hidden_states = self.preprocessor(pixel_values, image_grid_hw)
-        position_embeddings = encode_positions(self.rotary_emb, image_grid_hw, self.config.merge_size)
-        return self.trunk(hidden_states, image_cu_seqlens(image_grid_hw), position_embeddings, **kwargs)
+        return self.encode_patches(pixel_values, self.image_geometry(image_grid_hw), **kwargs)
+
+    def image_geometry(self, image_grid_hw: torch.Tensor) -> VisionGeometry:
+        return VisionGeometry(
+            self.preprocessor.position_table(image_grid_hw),
+            encode_positions(self.rotary_emb, image_grid_hw, self.config.merge_size),
+            image_cu_seqlens(image_grid_hw),
+        )
+
+    def encode_patches(self, pixel_values: torch.Tensor, geometry: VisionGeometry, **kwargs: Any) -> torch.Tensor:
+        """The tensor-only encoder pass: [N, C*p*p] patches -> [N, D], with the grids' `geometry`."""
+        hidden_states = self.preprocessor(pixel_values, geometry.position_table)
+        return self.trunk(hidden_states, geometry.cu_seqlens, geometry.position_embeddings, **kwargs)
 
 
 def encode_positions(rotary_emb: AndesVLVisionRotaryEmbedding | None, image_grid_hw: torch.Tensor, merge_size: int):
@@ -341,11 +377,15 @@ class AndesVLSiglip2Embeddings(nn.Module):
         self.proj = nn.Linear(patch_dim, config.hidden_size)
         self.pos_embed = nn.Embedding(config.num_patches, config.hidden_size) if config.preserve_original_pe else None
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
+    def position_table(self, image_grid_hw: torch.Tensor) -> torch.Tensor | None:
+        """The learned table resized to every grid, [N, D] in block order (None without one)."""
+        if self.pos_embed is None:
+            return None
+        return resize_position_table(self.pos_embed.weight, image_grid_hw, self.merge_size)
+
+    def forward(self, pixel_values: torch.Tensor, position_table: torch.Tensor | None) -> torch.Tensor:
         tokens = self.proj(pixel_values.to(self.proj.weight.dtype))  # [N, D]
-        if self.pos_embed is not None:
-            tokens = tokens + resize_position_table(self.pos_embed.weight, image_grid_hw, self.merge_size)
-        return tokens
+        return tokens if position_table is None else tokens + position_table
 
 
 class AndesVLSiglip2Attention(AndesVLVisionAttention):
@@ -413,9 +453,19 @@ class AndesVLSiglip2Transformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         check_packed_images(pixel_values, image_grid_hw, self.config.merge_size)
-        hidden_states = self.embeddings(pixel_values, image_grid_hw)
-        position_embeddings = encode_positions(self.rotary_emb, image_grid_hw, self.config.merge_size)
-        hidden_states = self.encoder(hidden_states, image_cu_seqlens(image_grid_hw), position_embeddings, **kwargs)
+        return self.encode_patches(pixel_values, self.image_geometry(image_grid_hw), **kwargs)
+
+    def image_geometry(self, image_grid_hw: torch.Tensor) -> VisionGeometry:
+        return VisionGeometry(
+            self.embeddings.position_table(image_grid_hw),
+            encode_positions(self.rotary_emb, image_grid_hw, self.config.merge_size),
+            image_cu_seqlens(image_grid_hw),
+        )
+
+    def encode_patches(self, pixel_values: torch.Tensor, geometry: VisionGeometry, **kwargs: Any) -> torch.Tensor:
+        """The tensor-only encoder pass: [N, C*p*p] patches -> [N, D], with the grids' `geometry`."""
+        hidden_states = self.embeddings(pixel_values, geometry.position_table)
+        hidden_states = self.encoder(hidden_states, geometry.cu_seqlens, geometry.position_embeddings, **kwargs)
         return self.post_layernorm(hidden_states)
 
 
@@ -429,6 +479,12 @@ class AndesVLSiglip2VisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.vision_model(pixel_values, image_grid_hw, **kwargs)
+
+    def image_geometry(self, image_grid_hw: torch.Tensor) -> VisionGeometry:
+        return self.vision_model.image_geometry(image_grid_hw)
+
+    def encode_patches(self, pixel_values: torch.Tensor, geometry: VisionGeometry, **kwargs: Any) -> torch.Tensor:
+        return self.vision_model.encode_patches(pixel_values, geometry, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,13 +591,17 @@ class AndesVLForConditionalGeneration(AndesVLChatMixin, AndesVLAdapterMixin, And
         [B, T_max, 4*Dv], so per-row modules (peft mixed-adapter batches, a full projector copy per adapter) apply
         to the right tokens; the result is packed again."""
         features = self.vision_encoder(pixel_values, image_grid_hw)  # [N, Dv], 2x2-block order
-        merged = features.reshape(-1, features.shape[-1] * self.config.image_token_group)  # [N/4, 4*Dv]
+        merged = self.merge_patches(features)  # [N/4, 4*Dv]
         if tokens_per_row is None or len(tokens_per_row) < 2 or sum(tokens_per_row) != merged.shape[0]:
             return self.mlp(merged)  # [N/4, D_llm]; a count mismatch is reported by merge_image_features
         rows = nn.utils.rnn.pad_sequence(list(merged.split(tokens_per_row)), batch_first=True)  # [B, T_max, 4*Dv]
         lengths = torch.tensor(tokens_per_row, device=rows.device)
         valid = torch.arange(rows.shape[1], device=rows.device)[None, :] < lengths[:, None]  # [B, T_max]
         return self.mlp(rows)[valid]  # [N/4, D_llm], rows in order
+
+    def merge_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder output [N, Dv] in 2x2-block order -> one row per visual token, [N/4, 4*Dv] (a reshape)."""
+        return features.reshape(-1, features.shape[-1] * self.config.image_token_group)
 
     def check_image_token_layout(self, input_ids: torch.Tensor, image_grid_hw: torch.Tensor | None) -> None:
         """Every image's placeholder run must be exactly `<img>` + N x `<|vision_pad|>` + `</img>`, in order, with N
