@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Quick start, command 2: set up both supported transformers lines and run the same test suite in each.
-# Usage: bash scripts/run_tests.sh [pytest args...]      (ANDESVL_LINES="tf4 tf5 vllm" by default)
-# The vllm line runs tests/test_vllm.py (vLLM against transformers on the same venv); tf4 and tf5 run the whole suite.
+# Usage: bash scripts/run_tests.sh [pytest args...]      (ANDESVL_LINES="tf4 tf5 vllm executorch" by default)
+# The vllm line runs tests/test_vllm.py (vLLM against transformers on the same venv), the executorch line
+# tests/test_executorch.py (the exported on-device programs against the eager model); tf4 and tf5 run the whole suite.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 passed=0; failed=0; status=0
-for line in ${ANDESVL_LINES:-tf4 tf5 vllm}; do
+for line in ${ANDESVL_LINES:-tf4 tf5 vllm executorch}; do
   venv="$(bash scripts/setup_env.sh "$line" | tail -n 1)" || { echo "setup of $line failed"; exit 1; }
   echo "=== $line: $("$venv/bin/python" -c 'import transformers, torch, peft; print("transformers", transformers.__version__, "torch", torch.__version__, "peft", peft.__version__)')"
   report="$root/outputs/pytest-$line.xml"
@@ -14,6 +15,9 @@ for line in ${ANDESVL_LINES:-tf4 tf5 vllm}; do
   if [ "$line" = vllm ]; then
     ANDESVL_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" \
       "$venv/bin/python" -m pytest tests/test_vllm.py -q -p no:cacheprovider --junitxml="$report" "$@"
+  elif [ "$line" = executorch ]; then
+    ANDESVL_REQUIRE_EXECUTORCH=1 \
+      "$venv/bin/python" -m pytest tests/test_executorch.py -q -p no:cacheprovider --junitxml="$report" "$@"
   else
     "$venv/bin/python" -m pytest tests -q -p no:cacheprovider --junitxml="$report" "$@"
   fi

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment for one supported transformers line.
-# Usage: bash scripts/setup_env.sh tf4|tf5|minimal|vllm   -> prints the venv path on the last line.
+# Usage: bash scripts/setup_env.sh tf4|tf5|minimal|vllm|executorch   -> prints the venv path on the last line.
 # (minimal: only what the model needs, no peft; tests/test_minimal_install.py loads and generates in it.
 #  vllm: the serving line, see requirements/vllm.txt)
 set -euo pipefail
-line="${1:?usage: setup_env.sh tf4|tf5|minimal|vllm}"
+line="${1:?usage: setup_env.sh tf4|tf5|minimal|vllm|executorch}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 req="$root/requirements/$line.txt"
-[ -f "$req" ] || { echo "unknown transformers line '$line' (expected tf4, tf5, minimal or vllm)" >&2; exit 2; }
+[ -f "$req" ] || { echo "unknown transformers line '$line' (expected tf4, tf5, minimal, vllm or executorch)" >&2; exit 2; }
 venv="$root/.venv/$line"
 inputs=("$root/requirements/common.txt" "$req")
 [ "$line" = vllm ] && inputs+=("$root/pyproject.toml")  # the plugin's entry point is declared there
