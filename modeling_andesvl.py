@@ -507,6 +507,11 @@ class AndesVLProjector(nn.Sequential):
 VISION_MODEL_CLASSES = {"aimv2": AndesVLAimv2VisionModel, "siglip2": AndesVLSiglip2VisionModel}
 
 
+def merge_patches(features: torch.Tensor, image_token_group: int) -> torch.Tensor:
+    """Encoder output [N, Dv] in 2x2-block order -> one row per visual token, [N/4, 4*Dv] (a reshape)."""
+    return features.reshape(-1, features.shape[-1] * image_token_group)
+
+
 class AndesVLPreTrainedModel(PreTrainedModel):
     config_class = AndesVLConfig
     main_input_name = "input_ids"
@@ -591,17 +596,13 @@ class AndesVLForConditionalGeneration(AndesVLChatMixin, AndesVLAdapterMixin, And
         [B, T_max, 4*Dv], so per-row modules (peft mixed-adapter batches, a full projector copy per adapter) apply
         to the right tokens; the result is packed again."""
         features = self.vision_encoder(pixel_values, image_grid_hw)  # [N, Dv], 2x2-block order
-        merged = self.merge_patches(features)  # [N/4, 4*Dv]
+        merged = merge_patches(features, self.config.image_token_group)  # [N/4, 4*Dv]
         if tokens_per_row is None or len(tokens_per_row) < 2 or sum(tokens_per_row) != merged.shape[0]:
             return self.mlp(merged)  # [N/4, D_llm]; a count mismatch is reported by merge_image_features
         rows = nn.utils.rnn.pad_sequence(list(merged.split(tokens_per_row)), batch_first=True)  # [B, T_max, 4*Dv]
         lengths = torch.tensor(tokens_per_row, device=rows.device)
         valid = torch.arange(rows.shape[1], device=rows.device)[None, :] < lengths[:, None]  # [B, T_max]
         return self.mlp(rows)[valid]  # [N/4, D_llm], rows in order
-
-    def merge_patches(self, features: torch.Tensor) -> torch.Tensor:
-        """Encoder output [N, Dv] in 2x2-block order -> one row per visual token, [N/4, 4*Dv] (a reshape)."""
-        return features.reshape(-1, features.shape[-1] * self.config.image_token_group)
 
     def check_image_token_layout(self, input_ids: torch.Tensor, image_grid_hw: torch.Tensor | None) -> None:
         """Every image's placeholder run must be exactly `<img>` + N x `<|vision_pad|>` + `</img>`, in order, with N

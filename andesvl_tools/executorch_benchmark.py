@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--int4-model", type=Path, help="accuracy: an eager int4 base (andesvl_tools.quantize)")
     parser.add_argument("--data", type=Path, help="accuracy: make_datasets output (generated when absent)")
-    parser.add_argument("--limit", default="vqa=300,multi=200,ocr=100,gui=100", help="accuracy: examples per task")
+    parser.add_argument("--limit", default="vqa=300,multi=200,ocr=200,gui=100", help="accuracy: examples per task")
     parser.add_argument("--output", type=Path, help="write the report as JSON")
     parser.add_argument("--rss-child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -151,9 +151,10 @@ class VisionBucket(nn.Module):
 
     def __init__(self, model, grid_hw: tuple[int, int]):
         super().__init__()
+        modeling = sys.modules[type(model).__module__]  # the remote code the model was loaded with
         self.vision_encoder, self.mlp = model.vision_encoder, model.mlp
-        self.merge_patches = model.merge_patches  # the model's 2x2 merge (a reshape by config.image_token_group)
-        self.geometry_type = sys.modules[type(model).__module__].VisionGeometry  # the remote code's own type
+        self.merge_patches, self.geometry_type = modeling.merge_patches, modeling.VisionGeometry
+        self.image_token_group = model.config.image_token_group
         geometry = model.vision_encoder.image_geometry(torch.tensor([list(grid_hw)]))
         # Buffer names carry the grid: constants outside the delegate are keyed by name in base.ptd, and every
         # bucket's tables differ.
@@ -173,7 +174,7 @@ class VisionBucket(nn.Module):
             None,  # one image: no per-image boundaries
         )
         features = self.vision_encoder.encode_patches(pixel_values, geometry)  # [h*w, Dv]
-        return self.mlp(self.merge_patches(features))  # [h*w / 4, D_llm]
+        return self.mlp(self.merge_patches(features, self.image_token_group))  # [h*w / 4, D_llm]
 
 
 def decoder_class():
@@ -323,6 +324,13 @@ def tag_base_constants(program: torch.export.ExportedProgram) -> torch.export.Ex
     return program
 
 
+def external_base_tag(node) -> str | None:
+    """`base.ptd` for a constant that stays outside the delegate, keyed there by its name. Constant propagation
+    (quantized exports) names its results `_prop_tensor_constant<i>` afresh in every method, so those stay in the
+    program, where names cannot collide."""
+    return None if node.name.startswith("_prop_tensor_constant") else BASE_DATA
+
+
 def lower(programs: dict[str, torch.export.ExportedProgram], external_base: bool, quantized: bool):
     """XNNPACK-lowered ExecuTorch program of `programs` (one method each). With `external_base`, the constants that
     stay outside the delegate (e.g. the token embedding) also go to `base.ptd`, under their names."""
@@ -331,7 +339,7 @@ def lower(programs: dict[str, torch.export.ExportedProgram], external_base: bool
 
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
     config = ExecutorchBackendConfig(
-        external_constants=(lambda node: BASE_DATA) if external_base else False,
+        external_constants=external_base_tag if external_base else False,
         do_quant_fusion_and_const_prop=quantized,
     )
     return edge.to_executorch(config)

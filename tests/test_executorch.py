@@ -116,7 +116,7 @@ def test_quantized_decoder_matches_eager_quantized(tiny_repos, tmp_path):
     folder = tiny_repos["aimv2"]
     output = tmp_path / "et-8da4w"
     manifest = ee.main(
-        export_args(folder, output, "--buckets", "56x56", "--max-context", "32", "--adapters", "none")
+        export_args(folder, output, "--buckets", "56x56,56x84", "--max-context", "32", "--adapters", "none")
         + ["--quantize", "8da4w"]
     )
     assert manifest["quantization"]["int4_grouped_layers"] > 0
@@ -125,6 +125,8 @@ def test_quantized_decoder_matches_eager_quantized(tiny_repos, tmp_path):
     assert manifest["sizes_bytes"]["base.ptd"] < 0.5 * float_bytes
     ee.quantize_for_device(model, 32)
     program = load_program(output, manifest)
+    for bucket in ("56x56", "56x84"):  # every method loads: no two buckets' constants share a name in base.ptd
+        program.load_method(f"vision_{bucket}")
     ids = torch.tensor([[9707, 11, 1879, 13]])
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
