@@ -5,8 +5,8 @@
 
 speed: prefill and decode tokens/s of the text decoder (eager: `model.language_model` with its dynamic KV cache;
 exported: the `text_decoder` method), interleaved rounds, medians, ratios exported / eager; vision time per bucket
-(eager `get_image_features` vs the bucket method); peak RSS of a fresh process that loads one variant and answers one
-prompt; file sizes from the manifests.
+(eager `get_image_features` vs the bucket method); peak RSS and RSS growth of a fresh process that loads one
+variant and runs one prompt; file sizes from the manifests.
 accuracy: AndesVL-Tiny's evaluation (the same generated examples and scorers as `andesvl_tools.evaluate`): the base
 on vqa and multi, the ocr and gui adapters on their tasks, for the eager float model, `--int4-model` (an eager int4
 base from `andesvl_tools.quantize`) and every exported folder.
@@ -169,21 +169,35 @@ def speed_section(args: argparse.Namespace) -> dict[str, Any]:
     rss = {"eager_fp32": peak_rss("eager", args.model, args)}
     for name, folder in zip(manifests, args.programs):
         rss[name] = peak_rss("executorch", folder, args)
-    return {"decoder": rows, "vision_ms_per_image": vision, "sizes_bytes": sizes, "peak_rss_mib": rss}
+    return {"decoder": rows, "vision_ms_per_image": vision, "sizes_bytes": sizes, "memory_mib": rss}
 
 
-def peak_rss(kind: str, path: Path, args: argparse.Namespace) -> float:
-    """Peak RSS (MiB) of a fresh process that loads one variant and runs one prefill plus the decode steps."""
+def peak_rss(kind: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Memory (MiB) of a fresh process that loads one variant and runs one prefill plus the decode steps: its peak
+    RSS, and how much its RSS grew from after the imports (torch, transformers, ExecuTorch: the same for every
+    variant) to after the run."""
     command = [sys.executable, "-m", "andesvl_tools.executorch_benchmark", "--model", str(args.model)]
     command += ["--programs", str(path), "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens)]
     command += ["--new-tokens", str(args.new_tokens), "--rss-child", kind, str(path)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def resident_mib() -> float:
+    """This process's current resident set (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
 def rss_child(args: argparse.Namespace) -> None:
     kind, path = args.rss_child
     set_threads(args.threads)
+    import transformers  # noqa: F401  (every import a variant needs, before the baseline)
+    from executorch.runtime import Runtime  # noqa: F401
+
+    baseline = resident_mib()
     if kind == "eager":
         model = load_eager(Path(path))
         eager_round(model, prompt_embeddings(model, args.prompt_tokens), args.new_tokens)
@@ -191,7 +205,8 @@ def rss_child(args: argparse.Namespace) -> None:
         manifest, program = load_base(Path(path))
         embeds = program.load_method("token_embedding").execute([torch.randint(0, 150000, (1, args.prompt_tokens))])[0]
         exported_round(program.load_method("text_decoder"), embeds, args.new_tokens)
-    print(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": round(peak, 1), "rss_growth_mib": round(resident_mib() - baseline, 1)}))
 
 
 def parse_limits(text: str) -> dict[str, int]:

@@ -205,14 +205,14 @@ def test_runner_rejects_bad_requests(tiny_checkpoint_export):
 
 
 def test_image_outside_the_buckets_is_fitted(tiny_checkpoint_export):
-    """A 100x70 image has no bucket of its own: it is fitted to the nearest (in aspect ratio) bucket, and the eager
-    processor given the fitted image picks that very canvas."""
+    """A 150x50 image (canvas 168x56) has no bucket of its own: it is fitted to the nearest (in aspect ratio)
+    bucket, and the eager processor given the fitted image picks that very canvas."""
     runner = ExecutorchAndesVL(tiny_checkpoint_export)
     processor = runner.processor.image_processor
     buckets = list(runner.buckets)
-    image = Image.new("RGB", (100, 70), (200, 30, 30))
-    assert tuple(processor.expected_canvas_size(100, 70)) not in buckets
-    bucket = nearest_bucket(tuple(processor.expected_canvas_size(100, 70)), buckets)
+    image = Image.new("RGB", (150, 50), (200, 30, 30))
+    assert tuple(processor.expected_canvas_size(150, 50)) == (168, 56)
+    bucket = nearest_bucket((168, 56), buckets)
     assert bucket == (168, 84)
     fitted = fit_to_bucket(image, bucket, processor)
     assert tuple(processor.expected_canvas_size(*fitted.size)) == bucket
@@ -261,7 +261,9 @@ def test_benchmark_reports_side_by_side_ratios(tiny_repos, tiny_exports, tmp_pat
     assert set(decoder) == {"eager_fp32", "executorch_fp32"}
     assert decoder["eager_fp32"]["decode_vs_eager"] == 1.0 and decoder["executorch_fp32"]["decode_tokens_per_s"] > 0
     assert set(report["speed"]["vision_ms_per_image"]) == {BUCKETS["aimv2"]}
-    assert all(value > 0 for value in report["speed"]["peak_rss_mib"].values())
+    memory = report["speed"]["memory_mib"]
+    assert set(memory) == {"eager_fp32", "executorch_fp32"}
+    assert all(row["peak_rss_mib"] > 0 and row["rss_growth_mib"] > 0 for row in memory.values())
     assert json.loads((tmp_path / "r.json").read_text())["speed"]["decoder"] == decoder
     with pytest.raises(ValueError, match="must stay below 48"):
         executorch_benchmark.main(
