@@ -114,16 +114,16 @@ def speed_section(args: argparse.Namespace) -> dict[str, Any]:
     model = load_eager(args.model)
     embeds = prompt_embeddings(model, args.prompt_tokens)
     variants = {"eager_fp32": None}
-    manifests = {}
+    manifests, folders = {}, {}
     for folder in args.programs:
         manifest, program = load_base(folder)
         name = f"executorch_{(manifest['quantization'] or {}).get('linear', 'fp32').split(' ')[0]}"
-        variants[name], manifests[name] = program, manifest
+        variants[name], manifests[name], folders[name] = program, manifest, folder
         if args.prompt_tokens + args.new_tokens >= manifest["max_context"]:
             raise ValueError(f"{folder}: --prompt-tokens + --new-tokens must stay below {manifest['max_context']}.")
     decoders = {name: program.load_method("text_decoder") for name, program in variants.items() if program}
     for name, manifest in list(manifests.items()):  # each adapter's program (LoRA unmerged) over the same base.ptd
-        folder = args.programs[list(manifests).index(name)]
+        folder = folders[name]
         for adapter, path in manifest["adapters"].items():
             program = load_program(folder, manifest, path)
             variants[f"{name}+{adapter}"] = program
@@ -167,7 +167,7 @@ def speed_section(args: argparse.Namespace) -> dict[str, Any]:
             vision[bucket][f"{name}_vs_eager"] = round(eager_ms / exported_ms, 2)
     sizes = {name: manifest["sizes_bytes"] for name, manifest in manifests.items()}
     rss = {"eager_fp32": peak_rss("eager", args.model, args)}
-    for name, folder in zip(manifests, args.programs):
+    for name, folder in folders.items():
         rss[name] = peak_rss("executorch", folder, args)
     return {"decoder": rows, "vision_ms_per_image": vision, "sizes_bytes": sizes, "memory_mib": rss}
 
@@ -221,6 +221,7 @@ def parse_limits(text: str) -> dict[str, int]:
 
 def accuracy_section(args: argparse.Namespace) -> dict[str, Any]:
     from . import evaluate, make_datasets
+    from .demo import switch_adapter
     from .executorch_runner import ExecutorchAndesVL
 
     limits = parse_limits(args.limit)
@@ -242,15 +243,7 @@ def accuracy_section(args: argparse.Namespace) -> dict[str, Any]:
         loaded: set[str] = set()
         rows[name] = {}
         for task, items in examples.items():
-            adapter = TASK_ADAPTERS[task]
-            if adapter is None and loaded:
-                model.disable_adapters()
-            elif adapter is not None:
-                if adapter not in loaded:
-                    model.load_scenario_adapter(adapter)
-                    loaded.add(adapter)
-                model.set_adapter(adapter)
-                model.enable_adapters()
+            switch_adapter(model, TASK_ADAPTERS[task], loaded)
             predictions = evaluate.predict(model, processor, items, 8, 32)
             rows[name][task] = score(task, predictions, items)
         del model

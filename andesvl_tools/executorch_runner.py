@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,13 @@ def nearest_bucket(canvas: tuple[int, int], buckets: list[tuple[int, int]]) -> t
 
 
 def fit_to_bucket(image, bucket: tuple[int, int], image_processor):
-    """Resize (aspect kept) and pad `image` so that the processor's rule makes the `bucket` canvas of it."""
-    from PIL import Image
-
+    """Resize (aspect kept) and pad `image`, with the processor's own helpers, so that the processor's rule makes the
+    `bucket` canvas of it."""
+    helpers = sys.modules[type(image_processor).__module__]  # image_processing_andesvl of the export folder
     target = fitted_size_for(bucket, image_processor)
-    scale = min(target[0] / image.width, target[1] / image.height)
-    content = (max(1, min(target[0], round(image.width * scale))), max(1, min(target[1], round(image.height * scale))))
+    content = helpers._fit_content(image.width, image.height, target, round)
     background = tuple(int(255 * m) for m in image_processor.image_mean)
-    fitted = Image.new("RGB", target, background)
-    resized = image.convert("RGB").resize(content, resample=image_processor.resample)
-    fitted.paste(resized, image_processor.paste_offset(target, content))
-    return fitted
+    return helpers.resize_and_pad(image.convert("RGB"), target, content, background, image_processor.resample)
 
 
 def load_manifest(folder: Path) -> dict[str, Any]:

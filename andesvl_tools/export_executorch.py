@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .folders import overlap_error, staged_folder
+
 BASE_DATA = "base"  # base.ptd
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -348,15 +350,16 @@ def lower(programs: dict[str, torch.export.ExportedProgram], external_base: bool
 def base_programs(model, buckets, patch_size: int, max_context: int) -> dict[str, torch.export.ExportedProgram]:
     programs = {
         "token_embedding": export_token_embedding(model, max_context),
-        "text_decoder": adapter_program(model, max_context)["text_decoder"],
+        "text_decoder": decoder_program(model, max_context),
     }
     for bucket in buckets:
         programs[bucket_name(bucket)] = tag_base_constants(export_vision_bucket(model, bucket, patch_size))
     return programs
 
 
-def adapter_program(model, max_context: int) -> dict[str, torch.export.ExportedProgram]:
-    return {"text_decoder": tag_base_constants(export_text_decoder(model, max_context))}
+def decoder_program(model, max_context: int) -> torch.export.ExportedProgram:
+    """The text decoder with its base weights tagged for `base.ptd` (the base's and every adapter's)."""
+    return tag_base_constants(export_text_decoder(model, max_context))
 
 
 def write_program(manager, path: Path) -> int:
@@ -400,14 +403,13 @@ def selected_adapters(model_folder: Path, text: str) -> list[str]:
     return names
 
 
-def prepare_output(output: Path, model: Path, overwrite: bool) -> None:
-    if output.resolve() == model.resolve() or model.resolve() in output.resolve().parents:
-        raise ValueError(f"--output {output} must not be the model folder or inside it.")
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+def check_output(output: Path, model: Path, overwrite: bool) -> None:
+    """The output may not touch the model folder, and replaces an earlier one only with `overwrite`."""
+    problem = overlap_error(output, model)
+    if problem:
+        raise ValueError(f"--output {output} must not be the model folder, contain it or lie inside it ({problem}).")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
@@ -418,41 +420,45 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--max-context must be at least 2, got {args.max_context}.")
     adapters = selected_adapters(args.model, args.adapters)
     processor = AutoProcessor.from_pretrained(str(args.model), trust_remote_code=True)
+    buckets = resolve_buckets(args, processor.image_processor)
+    check_output(args.output, args.model, args.overwrite)
+    with staged_folder(args.output) as staged:  # an earlier output is replaced only once the new one is complete
+        manifest = write_export(args, staged, processor, buckets, adapters)
+    return manifest
+
+
+def write_export(args: argparse.Namespace, output: Path, processor, buckets, adapters: list[str]) -> dict[str, Any]:
     image_processor = processor.image_processor
-    buckets = resolve_buckets(args, image_processor)
-    prepare_output(args.output, args.model, args.overwrite)
     started, timings = time.perf_counter(), {}
 
     model = load_for_export(args.model)
     quantization = quantize_for_device(model, args.group_size) if args.quantize == "8da4w" else None
-    base = lower(
-        base_programs(model, buckets, image_processor.patch_size, args.max_context),
-        external_base=True,
-        quantized=quantization is not None,
-    )
-    sizes = {"base.pte": write_program(base, args.output / "base.pte")}
-    base.write_tensor_data_to_file(str(args.output))
-    sizes[f"{BASE_DATA}.ptd"] = (args.output / f"{BASE_DATA}.ptd").stat().st_size
+    programs = base_programs(model, buckets, image_processor.patch_size, args.max_context)
+    base = lower(programs, external_base=True, quantized=quantization is not None)
+    sizes = {"base.pte": write_program(base, output / "base.pte")}
+    base.write_tensor_data_to_file(str(output))
+    sizes[f"{BASE_DATA}.ptd"] = (output / f"{BASE_DATA}.ptd").stat().st_size
     base_keys, shared = external_keys(base).get(BASE_DATA, set()), {}
     timings["base"] = round(time.perf_counter() - started, 1)
     text_config, image_token_id = model.config.text_config, model.config.image_token_id
     del model, base
 
+    quantized = quantization is not None
     for name in adapters:
         began = time.perf_counter()
         adapted = load_for_export(args.model, name)
-        if quantization is not None:
+        if quantized:
             quantize_for_device(adapted, args.group_size)
-        quantized = quantization is not None
-        manager = lower(adapter_program(adapted, args.max_context), external_base=False, quantized=quantized)
+        programs = {"text_decoder": decoder_program(adapted, args.max_context)}
+        manager = lower(programs, external_base=False, quantized=quantized)
         shared[name] = check_shared_data(external_keys(manager), base_keys, name)
-        sizes[f"adapters/{name}.pte"] = write_program(manager, args.output / "adapters" / f"{name}.pte")
+        sizes[f"adapters/{name}.pte"] = write_program(manager, output / "adapters" / f"{name}.pte")
         timings[f"adapters/{name}"] = round(time.perf_counter() - began, 1)
         del adapted, manager
 
     for file_name in PROCESSOR_FILES:
         if (args.model / file_name).is_file():
-            shutil.copy2(args.model / file_name, args.output / file_name)
+            shutil.copy2(args.model / file_name, output / file_name)
     manifest = {
         "format": "andesvl-executorch",
         "format_version": FORMAT_VERSION,
@@ -470,7 +476,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         "sizes_bytes": sizes,
         "export_seconds": timings,
     }
-    (args.output / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (output / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from andesvl_tools.demo import load_examples
+from andesvl_tools.demo import load_examples, switch_adapter
 
 if os.environ.get("ANDESVL_REQUIRE_EXECUTORCH") != "1":
     pytest.importorskip("executorch")
@@ -179,15 +179,7 @@ def test_runner_answers_equal_generate(tiny_checkpoint_export):
     mismatches = []
     for example in examples:
         adapter = example["adapter"]
-        if adapter is None:
-            if loaded:
-                model.disable_adapters()
-        else:
-            if adapter not in loaded:
-                model.load_scenario_adapter(adapter)
-                loaded.add(adapter)
-            model.set_adapter(adapter)
-            model.enable_adapters()
+        switch_adapter(model, adapter, loaded)
         eager = generate_batch(model, processor, [example], config)[0]
         exported = runner.chat(example["messages"], example["images"], adapter, MAX_NEW_TOKENS)
         if exported != eager:
