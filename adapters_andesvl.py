@@ -213,14 +213,21 @@ def check_adapter_fits_quantized_base(folder: Path, model: nn.Module) -> None:
         )
     metadata = folder / "andesvl_adapter.json"
     trained = json.loads(metadata.read_text()).get("qalft") if metadata.is_file() else None
-    keys = ("bits", "group_size", "scale_dtype", "modules")
-    if trained and any(trained.get(key) != quantization.get(key) for key in keys):
+    if not trained:
+        return
+    keys = ("bits", "group_size", "scale_dtype", "modules", "lm_head")
+
+    def scheme(spec: dict) -> dict:
+        # metadata written before the lm_head key existed: no quantized head
+        return {key: spec.get(key, False if key == "lm_head" else None) for key in keys}
+
+    if scheme(trained) != scheme(quantization):
         logging.getLogger(__name__).warning(
             "Adapter %s was trained with QALFT against %s, but this base is quantized with %s: it loads, but its "
             "answers may differ from its evaluated ones; quantize the base with that scheme to match.",
             folder.name,
-            {key: trained.get(key) for key in keys},
-            {key: quantization.get(key) for key in keys},
+            scheme(trained),
+            scheme(quantization),
         )
 
 

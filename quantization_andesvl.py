@@ -11,14 +11,17 @@ Quantizing and dequantizing are done in fp32 whatever the weight dtype (bf16/fp1
 depend only on the weight values, and `fake_quantize(w)` (QALFT, straight-through gradients) is bit-identical to the
 weight that `AndesVLQuantizedLinear` computes from the saved `qweight`/`scales`.
 
-On disk: int4 codes are packed two per uint8 (`qweight` [out, in/2]), int8 codes are int8 (`qweight` [out, in]),
+On disk: int4 codes are packed two per uint8 (`qweight` [out, in/2]), int2 / int3 codes four per byte / eight per three
+bytes (`qweight` [out, in*bits/8], a little-endian bit stream per row: the int4 layout is its 4-bit case), int8 codes
+are int8 (`qweight` [out, in]),
 `scales` [out, in/group_size] ([out, 1] per row). `config.quantization` (`{"bits", "group_size", "modules",
 "scale_dtype", "lm_head"}`) makes `AndesVLForConditionalGeneration.__init__` build the quantized layers, so
 `from_pretrained` loads those keys as is. `lm_head` also quantizes the LM head (untied: the input embedding keeps its
 float rows, so lookups stay exact).
 
 Decoding on CPU in bf16 (bf16 scales, the default, and bf16 activations) reads the codes directly through torch's
-kernels: int4 with a group of 32-256 (`_weight_int4pack_mm_for_cpu`), int8 with one scale per row
+kernels: int4 with a group of 32-256 (`_weight_int4pack_mm_for_cpu`; int2 / int3 codes too, widened to its 4-bit
+layout once, so they are smaller on disk but as fast and as large as int4 in memory), int8 with one scale per row
 (`_weight_int8pack_mm`). Longer half-precision inputs on CPU (prompts, training batches) multiply the dequantized
 weight in fp32, a block of output rows at a time; other settings dequantize the weight per forward in the compute
 dtype.
@@ -26,6 +29,7 @@ dtype.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
+# Code widths packed into a bit stream of uint8 (the rest, int8, are stored as they are).
+PACKED_BITS = (2, 3, 4)
 # 64 divides every in_features of every AndesVL size (hidden 1024/2048/2560, q-out 2048/4096, MLP 3072/6144/9728) and
 # of the tiny test models; one default for both bit widths keeps QALFT and deployment from disagreeing silently.
 DEFAULT_GROUP_SIZE = 64
@@ -197,6 +203,47 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).to(torch.uint8)
 
 
+def check_packable(in_features: int, bits: int) -> None:
+    """A row of `in_features` codes of `bits` bits must fill whole bytes."""
+    if bits in PACKED_BITS and (in_features * bits) % 8:
+        multiple = 8 // math.gcd(bits, 8)
+        raise ValueError(f"int{bits} packing needs in_features to be a multiple of {multiple}, got {in_features}.")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 codes [out, in] of `bits` (2, 3 or 4) bits -> uint8 [out, in*bits/8]: per row a little-endian bit stream,
+    code j in stream bits j*bits .. j*bits+bits-1 (two's complement). For 4 bits this is `pack_int4`'s layout."""
+    check_packable(codes.shape[-1], bits)
+    if bits == 4:
+        return pack_int4(codes)
+    fields = codes.to(torch.int16) & (2**bits - 1)  # [out, in]
+    stream = (fields[..., None] >> torch.arange(bits, dtype=torch.int16)) & 1  # [out, in, bits], one bit each
+    octets = stream.reshape(*codes.shape[:-1], -1, 8)  # [out, in*bits/8, 8]
+    return (octets << torch.arange(8, dtype=torch.int16)).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [out, in*bits/8] -> int8 codes [out, in] (inverse of `pack_codes`), in uint8 throughout like
+    `unpack_int4` (every prefill forward unpacks; measured 18x faster than unpacking bit by bit)."""
+    if bits == 4:
+        return unpack_int4(packed)
+    rows = packed.shape[:-1]
+    if bits == 2:  # four codes per byte, code k in bits 2k, 2k+1
+        fields = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)  # [out, in/4, 4]
+    elif bits == 3:  # eight codes per three bytes b0 b1 b2 (24 stream bits); codes 2 and 5 straddle two bytes
+        triples = packed.reshape(*rows, -1, 3)  # [out, in/8, 3]
+        b0, b1, b2 = triples[..., 0], triples[..., 1], triples[..., 2]
+        fields = torch.stack(
+            [b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7, (b1 >> 4) & 7]
+            + [(b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5],
+            dim=-1,
+        )  # [out, in/8, 8]
+    else:
+        raise ValueError(f"bits={bits} codes are not packed; expected one of {PACKED_BITS}.")
+    half = 2 ** (bits - 1)
+    return ((fields ^ half).view(torch.int8) - half).reshape(*rows, -1)  # sign-extend: f ^ half - half
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in/2] -> int8 codes in [-8, 7] [out, in] (inverse of `pack_int4`), in uint8 / int8 throughout
     (every prefill forward unpacks: half the memory traffic of wider intermediates, measured 2x faster)."""
@@ -263,13 +310,13 @@ class AndesVLQuantizedLinear(nn.Linear):
     ):
         qmax_for(bits)
         check_group_size(in_features, group_size)
-        if bits == 4 and in_features % 2:
-            raise ValueError(f"int4 packing needs an even in_features, got {in_features}.")
+        check_packable(in_features, bits)
         super().__init__(in_features, out_features, bias=False, device="meta")
         del self.weight
         self.bits, self.group_size = bits, group_size
-        packed_shape = (out_features, in_features // 2 if bits == 4 else in_features)
-        code_dtype = torch.uint8 if bits == 4 else torch.int8
+        packed = bits in PACKED_BITS
+        packed_shape = (out_features, in_features * bits // 8 if packed else in_features)
+        code_dtype = torch.uint8 if packed else torch.int8
         self.register_buffer("qweight", torch.zeros(packed_shape, dtype=code_dtype, device=device))
         scales_shape = (out_features, in_features // group_width(in_features, group_size))
         self.register_buffer("scales", torch.zeros(scales_shape, dtype=scale_dtype_of(scale_dtype), device=device))
@@ -296,7 +343,7 @@ class AndesVLQuantizedLinear(nn.Linear):
             dtype=weight.dtype,
         )
         codes, scales = quantize_weight(weight, bits, group_size, scale_dtype)
-        layer.qweight = pack_int4(codes) if bits == 4 else codes
+        layer.qweight = pack_codes(codes, bits) if bits in PACKED_BITS else codes
         layer.scales = scales
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
@@ -321,7 +368,7 @@ class AndesVLQuantizedLinear(nn.Linear):
 
     def codes(self) -> torch.Tensor:
         """int8 codes [out, in]."""
-        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        return unpack_codes(self.qweight, self.bits) if self.bits in PACKED_BITS else self.qweight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales, self.group_size, dtype)  # [out, in]
@@ -371,7 +418,7 @@ class AndesVLQuantizedLinear(nn.Linear):
         blocks = []
         for start in range(0, self.out_features, step):
             codes = self.qweight[start : start + step]
-            codes = unpack_int4(codes) if self.bits == 4 else codes  # [rows, in]
+            codes = unpack_codes(codes, self.bits) if self.bits in PACKED_BITS else codes  # [rows, in]
             weight = dequantize_weight(codes, self.scales[start : start + step], self.group_size, PREFILL_DTYPE)
             blocks.append(F.linear(rows, weight))  # [M, rows]
         output = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)  # [M, out]
@@ -394,11 +441,12 @@ class AndesVLQuantizedLinear(nn.Linear):
 
     def uses_int4_kernel(self, input: torch.Tensor) -> bool:
         """Whether `forward(input)` reads the packed int4 weights directly (torch's CPU kernel) instead of
-        dequantizing: int4 with bf16 scales, bf16 activations on CPU, a group size the kernel takes, at most
-        `INT4_KERNEL_MAX_ROWS` rows (decoding), and no gradient needed for the input (the kernel has no backward).
+        dequantizing: int4 (or int2 / int3, whose codes fit its 4 bits) with bf16 scales, bf16 activations on CPU, a
+        group size the kernel takes, at most `INT4_KERNEL_MAX_ROWS` rows (decoding), and no gradient needed for the
+        input (the kernel has no backward).
         The kernel's dequantized weight is bit for bit `dequantized_weight(torch.bfloat16)` (tested)."""
         return (
-            self.bits == 4
+            self.bits in PACKED_BITS
             and self.group_size in INT4_KERNEL_GROUP_SIZES
             and self._kernel_input(input, INT4_KERNEL_MAX_ROWS)
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -413,6 +461,15 @@ class AndesVLQuantizedLinear(nn.Linear):
             cached = (key, build())
             self.__dict__[name] = cached
         return cached[1]
+
+    def kernel_layout_tensors(self) -> list[torch.Tensor]:
+        """The kernel layouts built so far (outside the state dict, resident next to `qweight` / `scales`): what decode
+        steps read instead of them. int4 (and int2 / int3) codes get a 4-bit packed copy and [in/g, out, 2] scales and
+        zero points; int8 codes a copy only when `qweight` is misaligned."""
+        layouts = [
+            self.__dict__[name][1] for name in ("_int4_kernel_cache", "_int8_kernel_cache") if name in self.__dict__
+        ]
+        return [tensor for layout in layouts for tensor in (layout if isinstance(layout, tuple) else (layout,))]
 
     def _int8_kernel_weight(self) -> torch.Tensor:
         """`qweight` itself when it is aligned for the kernel, else an aligned copy, kept until `qweight` changes."""
@@ -591,9 +648,11 @@ __all__ = [
     "dequantize_weight",
     "fake_quantize",
     "normalize_spec",
+    "pack_codes",
     "pack_int4",
     "quantize_model",
     "quantize_weight",
     "replace_linear_with_quantized",
+    "unpack_codes",
     "unpack_int4",
 ]

@@ -135,10 +135,13 @@ NOTES = {
     "prompt; *_head also quantizes the LM head (untied; the embedding lookup stays float). Decode tokens/s as in "
     "'decode' (text-only prompt of --prompt-tokens); prefill_s = the prompt's forward in generate. "
     "decode_weight_mb_per_token = bytes one decode step must read (decoder layers + final norm + the LM head in "
-    "full); roofline_tokens_per_s = measured read bandwidth (sum over a 512 MB fp32 tensor) / those bytes; "
+    "full; for the kernel rows the kernels' own layout: int3 codes run as a 4-bit copy); model_weight_mb = the saved "
+    "state; resident_weight_mb = that plus the kernel layouts built on top of it; roofline_tokens_per_s = measured "
+    "read bandwidth (sum over a 512 MB fp32 tensor) / those bytes; "
     "fraction_of_roofline = measured / roofline. With --llama-cpp: the same Qwen3 weights (transformers' "
     "Qwen3ForCausalLM folder) converted by llama.cpp's convert_hf_to_gguf.py to F32 / BF16 and quantized by "
-    "llama-quantize to Q8_0 / Q4_0, timed by llama-bench with the same thread count in the same interleaved rounds "
+    "llama-quantize to Q8_0 / Q4_0 / Q3_K_S, timed by llama-bench with the same thread count in the same interleaved "
+    "rounds "
     "(decode: -n decode_tokens -d prompt_tokens; prefill: -p prompt_tokens); their bytes per token = the GGUF file "
     "size. ratio_X_over_llama_cpp_Y_* are paired medians (tokens/s: ours / theirs; prefill_s: ours / theirs).",
 }
@@ -180,8 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--llama-cpp",
         type=Path,
         metavar="DIR",
-        help="`quant`: also time llama.cpp (F32, BF16, Q8_0, Q4_0 GGUF of the same Qwen3 weights, llama-bench with "
-        "the same threads) from this built llama.cpp tree (scripts/build_llama_cpp.sh)",
+        help="`quant`: also time llama.cpp (F32, BF16, Q8_0, Q4_0, Q3_K_S GGUF of the same Qwen3 weights, "
+        "llama-bench with the same threads) from this built llama.cpp tree (scripts/build_llama_cpp.sh)",
     )
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}."
@@ -645,13 +648,38 @@ def measure_bandwidth_gb_s(repeats: int, megabytes: int = 512) -> float:
     return data.numel() * 4 / statistics.median(timed(data.sum) for _ in range(max(3, repeats))) / 1e9
 
 
+def tensor_bytes(tensors) -> int:
+    unique = {id(t): t for t in tensors}.values()
+    return sum(t.numel() * t.element_size() for t in unique)
+
+
+def decode_read_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What a decode step reads of `module`: a quantized layer's kernel layout where one was built (the int4 kernel
+    reads its own 4-bit copy and scales + zero points, not `qweight` / `scales`) plus its bias, else its tensors."""
+    layouts = module.kernel_layout_tensors() if hasattr(module, "kernel_layout_tensors") else []
+    if layouts:
+        return [*layouts, *([module.bias] if module.bias is not None else [])]
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: the language model's layers and norm, plus the LM head in full (float
-    and tied, or quantized codes and scales); the embedding lookup reads one row and the vision tower does not run."""
+    and tied, or quantized codes and scales, as the kernel lays them out); the embedding lookup reads one row and the
+    vision tower does not run. Call it after a decode step (the kernel layouts are built on first use)."""
     language_model = model.language_model
     modules = (language_model.model.layers, language_model.model.norm, language_model.lm_head)
-    tensors = {id(t): t for module in modules for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensor_bytes(t for module in modules for sub in module.modules() for t in decode_read_tensors(sub))
+
+
+def resident_weight_bytes(model: torch.nn.Module) -> int:
+    """Every weight the model holds after decoding: parameters and buffers plus the kernel layouts built on top."""
+    layouts = [
+        t
+        for module in model.modules()
+        if hasattr(module, "kernel_layout_tensors")
+        for t in module.kernel_layout_tensors()
+    ]
+    return tensor_bytes([*model.parameters(), *model.buffers(), *layouts])
 
 
 # name -> (what it is, compute dtype, quantize_model arguments or None); the *_kernel ones decode on torch's packed
@@ -682,6 +710,11 @@ QUANT_VARIANTS: dict[str, tuple[str, torch.dtype, dict[str, Any] | None]] = {
         torch.bfloat16,
         dict(bits=4, group_size=64, lm_head=True, **BF16_SCALES),
     ),
+    "int3_kernel_head": (
+        "int3, group 64, bf16 scales, LM head too (3.25 bits per weight saved), bf16 model: on torch's int4 kernel",
+        torch.bfloat16,
+        dict(bits=3, group_size=64, lm_head=True, **BF16_SCALES),
+    ),
 }
 
 
@@ -702,7 +735,7 @@ def quantized_variants(model: torch.nn.Module, names: list[str]) -> dict[str, to
 # llama.cpp on the same Qwen3 weights (--llama-cpp DIR: a built llama.cpp tree, see scripts/build_llama_cpp.sh)
 # ----------------------------------------------------------------------------------------------------------------------
 
-LLAMA_CPP_TYPES = ("F32", "BF16", "Q8_0", "Q4_0")
+LLAMA_CPP_TYPES = ("F32", "BF16", "Q8_0", "Q4_0", "Q3_K_S")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json")
 
 
@@ -720,7 +753,7 @@ def llama_cpp_tools(root: Path) -> dict[str, Path]:
 
 def export_gguf(model: torch.nn.Module, tools: dict[str, Path], folder: Path) -> dict[str, Path]:
     """The AndesVL language model as transformers' Qwen3ForCausalLM folder -> GGUF F32 / BF16 (convert_hf_to_gguf.py)
-    -> Q8_0 / Q4_0 (llama-quantize, from the F32 file)."""
+    -> Q8_0 / Q4_0 / Q3_K_S (llama-quantize, from the F32 file)."""
     hf_folder = folder / "qwen3"
     build_qwen3_twin(model).save_pretrained(hf_folder)
     for name in TOKENIZER_FILES:
@@ -729,7 +762,7 @@ def export_gguf(model: torch.nn.Module, tools: dict[str, Path], folder: Path) ->
     for kind in ("F32", "BF16"):
         command = [sys.executable, str(tools["convert"]), str(hf_folder), "--outtype", kind.lower()]
         subprocess.run([*command, "--outfile", str(files[kind])], check=True, capture_output=True)
-    for kind in ("Q8_0", "Q4_0"):
+    for kind in LLAMA_CPP_TYPES[2:]:
         command = [str(tools["quantize"]), str(files["F32"]), str(files[kind]), kind]
         subprocess.run(command, check=True, capture_output=True)
     return files
@@ -761,6 +794,7 @@ LLAMA_CPP_PEERS = {
     "int8_kernel_head": "Q8_0",
     "int4_kernel": "Q4_0",
     "int4_kernel_head": "Q4_0",
+    "int3_kernel_head": "Q3_K_S",
 }
 
 
@@ -802,17 +836,18 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
         per_token = statistics.median(samples[name])
         prompt_s = prefill[name][1:]  # the timed rounds (the first call is the warm-up)
         if name in variants:
-            tensors = [*variants[name].parameters(), *variants[name].buffers()]
-            weight_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+            weight_mb = tensor_bytes([*variants[name].parameters(), *variants[name].buffers()]) / 2**20
+            resident_mb = resident_weight_bytes(variants[name]) / 2**20
             weight_bytes = decode_weight_bytes(variants[name])
-        else:  # llama.cpp: the GGUF file is the text model's weights (+ a small header)
+        else:  # llama.cpp: the GGUF file is the text model's weights (+ a small header), mapped as it is
             weight_bytes = gguf_bytes[name]
-            weight_mb = weight_bytes / 2**20
+            weight_mb = resident_mb = weight_bytes / 2**20
         roofline = bandwidth * 1e9 / weight_bytes
         result[name] = {
             "decode_tokens_per_s": 1 / per_token,
             "decode_s_per_token": summary(samples[name]),
             "model_weight_mb": weight_mb,
+            "resident_weight_mb": resident_mb,
             "decode_weight_mb_per_token": weight_bytes / 2**20,
             "roofline_tokens_per_s": roofline,
             "fraction_of_roofline": (1 / per_token) / roofline,

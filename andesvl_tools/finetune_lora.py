@@ -30,7 +30,8 @@ Model: the base is loaded with `AutoModelForImageTextToText` (`trust_remote_code
 language model's projections (the model's `default_lora_target_modules`), plus the projector with
 `--train-projector` (`modules_to_save`), plus the embedding rows of the tokens the training answers use with
 `--train-answer-tokens` (peft `trainable_token_indices`; with tied embeddings the output rows follow).
-`--qalft int4|int8` (quantization-aware LoRA fine-tuning) makes every linear
+`--qalft int4|int8|int3|int2` (quantization-aware LoRA fine-tuning; `--qalft-lm-head` for a base quantized with
+`--lm-head`) makes every linear
 layer that `andesvl_tools/quantize.py` would quantize compute with `fake_quantize(weight)`, the exact weights of the
 deployed
 quantized base, so the adapter is trained against the base it will run on.
@@ -65,7 +66,7 @@ IMAGE_TOKENS = ("<img>", "<|vision_pad|>", "</img>")
 ADAPTER_INFO_NAME = "andesvl_adapter.json"
 METRICS_NAME = "metrics.json"
 ARGS_NAME = "args.json"
-QALFT_BITS = {"int4": 4, "int8": 8}
+QALFT_BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8}
 PRINTED_ERRORS = 10
 EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")  # kept out of the metric records
 
@@ -346,11 +347,13 @@ def qalft_spec(args: argparse.Namespace, quantization) -> dict[str, Any]:
     """The deployed quantizer's canonical spec for `--qalft` (its own defaults fill what the flags leave out)."""
     flags = {"group_size": args.qalft_group_size, "modules": args.qalft_modules, "scale_dtype": args.qalft_scale_dtype}
     given = {key: value for key, value in flags.items() if value is not None}
-    return quantization.normalize_spec({"bits": QALFT_BITS[args.qalft], **given})
+    return quantization.normalize_spec({"bits": QALFT_BITS[args.qalft], "lm_head": args.qalft_lm_head, **given})
 
 
 def apply_qalft(model: nn.Module, spec: dict[str, Any], quantization) -> list[str]:
-    """Make the linears that `quantize_model(spec)` would quantize compute with `fake_quantize(weight)`."""
+    """Make the linears that `quantize_model(spec)` would quantize compute with `fake_quantize(weight)`. With
+    `lm_head` the LM head too: a head tied to the embedding then computes with the fake-quantized weight while the
+    embedding lookup reads the float rows, as the deployed `--lm-head` base (untied, float embedding) does."""
     from torch.nn.utils import parametrize
 
     if getattr(model.config, "quantization", None):
@@ -358,8 +361,7 @@ def apply_qalft(model: nn.Module, spec: dict[str, Any], quantization) -> list[st
             f"The base is already quantized ({model.config.quantization}); drop --qalft: training on it already sees "
             "the deployed weights."
         )
-    selected = quantization.select_linear_modules(model, spec["modules"])
-    quantization.check_groups(selected, spec["group_size"])
+    selected = quantization.select_targets(model, spec)  # the projections, plus the LM head with lm_head
     for _, module in selected:
         parametrize.register_parametrization(module, "weight", FakeQuantizedWeight(quantization.fake_quantize, spec))
     return [name for name, _ in selected]
@@ -678,6 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
     qalft.add_argument(
         "--qalft-modules", help="regex of the quantized linears (default: the quantizer's, as quantize.py uses)"
     )
+    qalft.add_argument(
+        "--qalft-lm-head",
+        action="store_true",
+        help="the LM head too, as `quantize.py --lm-head` deploys it (same bits and groups; the embedding stays float)",
+    )
 
     add_trainer_flags(parser)
     parser.add_argument("--work-dir", type=Path, help="checkpoints and args.json (default: outputs/finetune-<name>)")
@@ -720,6 +727,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eval_file is not None and args.eval_fraction is not None:
         parser.error("give --eval-file or --eval-fraction, not both")
+    if args.qalft_lm_head and not args.qalft:
+        parser.error("--qalft-lm-head needs --qalft (the bits of the quantized LM head)")
+    if args.qalft_lm_head and args.train_answer_tokens:
+        parser.error(
+            "--train-answer-tokens trains embedding rows that a quantized LM head (--qalft-lm-head) cannot apply: "
+            "drop one of them"
+        )
     if args.output_dir is None:
         if not Path(args.model).is_dir():
             parser.error(f"--model {args.model} is not a local folder: give --output-dir")

@@ -1,4 +1,4 @@
-"""Quantize the language model of an AndesVL folder (weight-only int4/int8) into a complete, loadable repo folder.
+"""Quantize the language model of an AndesVL folder (weight-only int8/4/3/2) into a complete, loadable repo folder.
 
     python -m andesvl_tools.quantize --model out/AndesVL-1B-Instruct --output out/AndesVL-1B-Instruct-int4 --bits 4
     python -m andesvl_tools.quantize --model /tmp/AndesVL-tiny --output /tmp/AndesVL-tiny-int8 --bits 8 --group-size 32
@@ -247,7 +247,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="float AndesVL folder (config.json + weights)")
     parser.add_argument("--output", type=Path, required=True, help="folder to write (created if needed)")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="code width (default 4)")
+    parser.add_argument(
+        "--bits",
+        type=int,
+        choices=(2, 3, 4, 8),
+        default=4,
+        help="code width (default 4); 3 and 2 store fewer bits per weight on disk (3.125 / 2.125 at group 128) and "
+        "decode on the int4 kernel like 4",
+    )
     parser.add_argument(
         "--group-size",
         type=int,

@@ -14,7 +14,16 @@ if [ ! -x "$tree/build/bin/llama-bench" ] || [ ! -x "$tree/build/bin/llama-quant
   mkdir -p "$dest"
   "$venv/bin/pip" download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$dest" >&2
   tar -xzf "$dest/llama_cpp_python-$version.tar.gz" -C "$dest"
-  cmake -S "$tree" -B "$tree/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  # The vector extensions this CPU lists, without AMX: ggml's AMX path dies with SIGILL on `ldtilecfg` in this
+  # workplace's VMs (cpuinfo lists amx_* and arch_prctl grants the tile state, yet the instruction traps), and a
+  # -march=native build enables it, so the ISA flags are set one by one.
+  flags=$(grep -m1 '^flags' /proc/cpuinfo)
+  isa=()
+  for pair in avx:AVX avx2:AVX2 bmi2:BMI2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 \
+      avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    if [[ " $flags " == *" ${pair%%:*} "* ]]; then isa+=("-DGGML_${pair#*:}=ON"); else isa+=("-DGGML_${pair#*:}=OFF"); fi
+  done
+  cmake -S "$tree" -B "$tree/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF "${isa[@]}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
   cmake --build "$tree/build" --target llama-bench llama-quantize -j "$(nproc)" >&2
 fi

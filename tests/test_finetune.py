@@ -329,14 +329,21 @@ def test_smoke_run_writes_a_loadable_adapter_that_changes_the_logits(smoke, repo
     assert not torch.allclose(logits(model, inputs), base, atol=1e-4)
 
 
-def test_qalft_forward_uses_exactly_the_deployed_quantized_weights(repo):
+@pytest.mark.parametrize("lm_head", [False, True], ids=["projections", "with-lm-head"])
+def test_qalft_forward_uses_exactly_the_deployed_quantized_weights(repo, lm_head):
+    """Every linear that `quantize_model` replaces computes with its dequantized weight under QALFT; with the LM head
+    (`--qalft-lm-head`) the tied head too, while the embedding lookup keeps the float rows (as the untied deployed
+    base does)."""
     model = load_model(repo)
     quantization = ft.quantization_module(model)
-    spec = quantization.normalize_spec({"bits": 4})
+    spec = quantization.normalize_spec({"bits": 4, "lm_head": lm_head})
     deployed = load_model(repo)
-    quantization.quantize_model(deployed, bits=4, group_size=spec["group_size"])
+    quantization.quantize_model(deployed, bits=4, group_size=spec["group_size"], lm_head=lm_head)
+    embedding = model.get_input_embeddings().weight.detach().clone()
     names = ft.apply_qalft(model, spec, quantization)
-    assert names and all(".language_model.model.layers." in f".{name}" for name in names)
+    assert names and all(".language_model.model.layers." in f".{name}" for name in names[: len(names) - lm_head])
+    assert (names[-1] == "language_model.lm_head") == lm_head
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # the lookup stays exact
     expected = {name: deployed.get_submodule(name).dequantized_weight(torch.float32) for name in names}
     checked = {}
 
@@ -348,15 +355,33 @@ def test_qalft_forward_uses_exactly_the_deployed_quantized_weights(repo):
 
     model = ft.add_lora(model, ft.parse_args(["--model", str(repo), "--name", "q", "--train-file", "x.jsonl"]))
     for name in names:
-        model.get_base_model().get_submodule(name).base_layer.register_forward_hook(check(name))
+        layer = model.get_base_model().get_submodule(name)
+        getattr(layer, "base_layer", layer).register_forward_hook(check(name))  # the LM head carries no LoRA
     model.train()(**packed_inputs(model.config, [(4, 4)]))
     assert sorted(checked) == sorted(names) and all(checked.values())
+    if lm_head:
+        inputs = packed_inputs(model.config, [(4, 4)])
+        with torch.no_grad():
+            assert torch.equal(model.eval()(**inputs).logits, deployed.eval()(**inputs).logits)
 
 
-def test_qalft_run_saves_a_plain_adapter_for_float_and_quantized_bases(smoke, repo, dataset, tmp_path, reuse_processor):
+def test_qalft_lm_head_flag_needs_qalft_and_refuses_token_rows(repo):
+    base = ["--model", str(repo), "--name", "q", "--train-file", "x.jsonl", "--qalft-lm-head"]
+    with pytest.raises(SystemExit):
+        ft.parse_args(base)  # no --qalft: no bits for the head
+    with pytest.raises(SystemExit):
+        ft.parse_args([*base, "--qalft", "int4", "--train-answer-tokens"])
+    assert ft.parse_args([*base, "--qalft", "int4"]).qalft_lm_head
+
+
+@pytest.mark.parametrize("lm_head", [False, True], ids=["projections", "with-lm-head"])
+def test_qalft_run_saves_a_plain_adapter_for_float_and_quantized_bases(
+    smoke, repo, dataset, tmp_path, reuse_processor, lm_head
+):
     output = repo / "adapters" / "qalft"
     metrics = ft.main(
         [
+            *(["--qalft-lm-head"] if lm_head else []),
             "--model",
             str(repo),
             "--name",
@@ -375,7 +400,7 @@ def test_qalft_run_saves_a_plain_adapter_for_float_and_quantized_bases(smoke, re
             str(tmp_path / "work"),
         ]
     )
-    assert metrics["qalft"]["bits"] == 4
+    assert metrics["qalft"]["bits"] == 4 and metrics["qalft"]["lm_head"] == lm_head
     assert json.loads((output / ft.ADAPTER_INFO_NAME).read_text())["qalft"] == metrics["qalft"]
     assert set(adapter_tensors(output)) == set(adapter_tensors(smoke[1]))
 
@@ -384,7 +409,7 @@ def test_qalft_run_saves_a_plain_adapter_for_float_and_quantized_bases(smoke, re
     ft.apply_qalft(reference, metrics["qalft"], quantization)
     reference.load_scenario_adapter("qalft")
     quantized = load_model(repo)
-    quantization.quantize_model(quantized, bits=4, group_size=metrics["qalft"]["group_size"])
+    quantization.quantize_model(quantized, bits=4, group_size=metrics["qalft"]["group_size"], lm_head=lm_head)
     quantized.load_scenario_adapter("qalft")
     inputs = packed_inputs(quantized.config, [(4, 4)])
     assert torch.equal(logits(quantized, inputs), logits(reference, inputs))

@@ -29,9 +29,9 @@ _spec.loader.exec_module(qz)
 
 GROUP = 64
 # Max |logit difference| / std(float logits) on the fixed input, measured on the tiny random repos: int8 ~0.05, int4
-# ~0.9 (random 64-wide layers have no outliers to protect, so int4's 18x coarser step (127/7) shows fully). The bounds
-# leave ~2x headroom; a wrong scale, group order or packing gives differences of many stds.
-RELATIVE_LOGIT_TOLERANCE = {8: 0.1, 4: 1.8}
+# ~0.9, int3 ~2.0 (random 64-wide layers have no outliers to protect, so int4's 18x coarser step (127/7) shows fully).
+# The bounds leave ~2x headroom; a wrong scale, group order or packing gives differences of many stds.
+RELATIVE_LOGIT_TOLERANCE = {8: 0.1, 4: 1.8, 3: 3.6}
 
 
 def random_weight(out_features: int, in_features: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -81,7 +81,7 @@ def quantized_names(model) -> list[str]:
 
 
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_round_trip_error_is_at_most_half_a_step(bits, scale_dtype):
     weight = random_weight(48, 256)
     codes, scales = qz.quantize_weight(weight, bits, GROUP, scale_dtype)
@@ -105,8 +105,27 @@ def test_int4_pack_unpack_is_exact_and_takes_half_a_byte_per_weight():
     assert layer.qweight.nbytes == 128 * 16 // 2 and layer.scales.nbytes == 16 * 2 * 2
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sub_byte_codes_pack_into_a_bit_stream_of_bits_per_weight(bits):
+    """int2 / int3 / int4 codes packed per row as a little-endian bit stream: exact round trip, `bits` bits per
+    weight on disk, and for int4 exactly `pack_int4`'s nibble layout (the stream's 4-bit case)."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(low, high, (6, 40), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
+    packed = qz.pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 40 * bits // 8)
+    assert torch.equal(qz.unpack_codes(packed, bits), codes)
+    assert torch.equal(packed, qz.pack_int4(codes)) if bits == 4 else True
+    if bits == 3:  # codes 0, 1, 2 .. in stream order: 0b000, 0b001, 0b010, 0b011, 0b100 (-4), 0b101 (-3), ...
+        ramp = torch.tensor([[0, 1, 2, 3, -4, -3, -2, -1]], dtype=torch.int8)
+        assert qz.pack_codes(ramp, 3).tolist() == [[0b10001000, 0b11000110, 0b11111010]]
+    layer = qz.AndesVLQuantizedLinear.from_linear(nn.Linear(128, 16, bias=False), bits=bits, group_size=GROUP)
+    assert layer.qweight.nbytes == 128 * 16 * bits // 8
+    with pytest.raises(ValueError, match=rf"int{bits} packing needs in_features to be a multiple of"):
+        qz.AndesVLQuantizedLinear(126 if bits != 4 else 125, 4, bits=bits, group_size=qz.PER_ROW)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_fake_quantize_forward_is_exactly_the_dequantized_weight(bits, dtype):
     weight = random_weight(32, 128, dtype=dtype)
     expected = qz.dequantize_weight(*qz.quantize_weight(weight, bits, GROUP), GROUP, dtype)
@@ -144,8 +163,8 @@ def test_fake_quantize_passes_gradients_straight_through():
 
 def test_bad_specs_raise_clear_errors(tiny_repos, cached_model):
     weight = random_weight(8, 128)
-    with pytest.raises(ValueError, match=r"bits=3 is not supported"):
-        qz.quantize_weight(weight, 3, GROUP)
+    with pytest.raises(ValueError, match=r"bits=5 is not supported"):
+        qz.quantize_weight(weight, 5, GROUP)
     with pytest.raises(ValueError, match=r"group_size=48 .*in_features=128"):
         qz.quantize_weight(weight, 4, 48)
     with pytest.raises(ValueError, match=r"Unknown quantization keys \['bit'\]"):
@@ -166,7 +185,9 @@ def test_bad_specs_raise_clear_errors(tiny_repos, cached_model):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[("aimv2", 4), ("aimv2", 8), ("siglip2", 4)], ids=lambda p: f"{p[0]}-int{p[1]}")
+@pytest.fixture(
+    scope="module", params=[("aimv2", 4), ("aimv2", 8), ("siglip2", 4), ("aimv2", 3)], ids=lambda p: f"{p[0]}-int{p[1]}"
+)
 def quantized(request, quantize_tiny):
     """(source folder, quantized folder, CLI report) for one encoder and bit width."""
     return quantize_tiny(*request.param)
@@ -368,26 +389,28 @@ def test_group_size_defaults_to_one_that_divides_the_model_and_a_bad_one_names_t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def int4_layer(group_size: int, seed: int = 0, bias: bool = True) -> nn.Module:
+def int4_layer(group_size: int, seed: int = 0, bias: bool = True, bits: int = 4) -> nn.Module:
     linear = nn.Linear(256, 96, bias=bias)
     linear.weight.data = random_weight(96, 256, seed)
-    layer = qz.AndesVLQuantizedLinear.from_linear(linear, 4, group_size, "bfloat16")
+    layer = qz.AndesVLQuantizedLinear.from_linear(linear, bits, group_size, "bfloat16")
     return layer.to(torch.bfloat16).eval()  # a bf16 compute dtype (the bias); the scales keep their dtype
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_the_int4_kernel_dequantizes_exactly_what_the_quantizer_and_qalft_produce(group_size):
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (4, 128), (3, 64), (3, 128), (2, 128)])
+def test_the_int4_kernel_dequantizes_exactly_what_the_quantizer_and_qalft_produce(bits, group_size):
     """The kernel applied to the identity returns its dequantized weight: bit for bit the layer's own
-    `dequantized_weight(bf16)` and QALFT's `fake_quantize` of the float weight in bf16."""
-    layer = int4_layer(group_size, bias=False)
+    `dequantized_weight(bf16)` and QALFT's `fake_quantize` of the float weight in bf16 (int2 / int3 codes run on
+    the int4 kernel too)."""
+    layer = int4_layer(group_size, bias=False, bits=bits)
     identity = torch.eye(layer.in_features, dtype=torch.bfloat16)
     with torch.no_grad():
         assert not layer.uses_int4_kernel(identity)  # 256 rows: the dequantized path
         packed, scales_and_zeros = layer._int4_kernel_weights()
         kernel_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(identity, packed, group_size, scales_and_zeros).t()
     assert torch.equal(kernel_weight, layer.dequantized_weight(torch.bfloat16))
-    fake = qz.fake_quantize(random_weight(96, 256), 4, group_size, "bfloat16")
+    fake = qz.fake_quantize(random_weight(96, 256), bits, group_size, "bfloat16")
     assert torch.equal(kernel_weight, fake.bfloat16())
+    assert int(layer.codes().min()) >= -(2 ** (bits - 1)) and int(layer.codes().max()) <= 2 ** (bits - 1) - 1
 
 
 def test_decode_rows_take_the_kernel_and_agree_with_the_dequantized_path():
@@ -441,10 +464,12 @@ def assert_kernel_decodes_like_the_dequantized_path(folder, kernel_check: str) -
     return layers
 
 
-def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter(tiny_repos, tmp_path):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter(bits, tiny_repos, tmp_path):
     """From the CLI to generate: `--scale-dtype bfloat16`, loaded in bf16, a peft LoRA on top; decode steps take the
-    kernel (prefill does not), and the greedy tokens equal those of the dequantized path."""
-    output = tmp_path / "int4-bf16"
+    kernel (prefill does not), and the greedy tokens equal those of the dequantized path. int3 (3.25 bits per weight
+    on disk at group 64) decodes on the same int4 kernel."""
+    output = tmp_path / f"int{bits}-bf16"
     quantize.main(
         [
             "--model",
@@ -452,7 +477,7 @@ def test_a_bf16_scale_int4_folder_decodes_through_the_kernel_with_a_lora_adapter
             "--output",
             str(output),
             "--bits",
-            "4",
+            str(bits),
             "--scale-dtype",
             "bfloat16",
             "--group-size",
@@ -562,7 +587,7 @@ def test_the_int8_kernel_gets_aligned_tensors_and_widths_it_cannot_take_dequanti
 
 
 @pytest.mark.parametrize("block_rows", [None, 8])
-@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (4, 16)])
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (4, 16), (3, 64)])
 def test_half_precision_prompts_multiply_the_exact_dequantized_weight_in_fp32(
     bits, group_size, block_rows, monkeypatch
 ):

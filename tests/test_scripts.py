@@ -118,6 +118,11 @@ def test_benchmark_quick_smoke(tmp_path):
     head, no_head = quant["int4_kernel_head"], quant["int4_kernel"]  # the quantized LM head reads ~4x fewer bytes
     assert head["decode_weight_mb_per_token"] < no_head["decode_weight_mb_per_token"] / 2
     assert quant["ratio_int4_kernel_head_over_fp32_tokens_per_s"] > 0
+    # int3 is smaller saved but decodes from the int4 kernel's 4-bit copy: its bytes per token are int4's, and it holds
+    # both copies
+    int3 = quant["int3_kernel_head"]
+    assert int3["model_weight_mb"] < head["model_weight_mb"] and int3["resident_weight_mb"] > int3["model_weight_mb"]
+    assert int3["decode_weight_mb_per_token"] > head["decode_weight_mb_per_token"] * 0.9
     assert report["environment"]["cpu"]["model"]
 
 
