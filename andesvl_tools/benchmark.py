@@ -141,9 +141,8 @@ NOTES = {
     "fraction_of_roofline = measured / roofline. With --llama-cpp: the same Qwen3 weights (transformers' "
     "Qwen3ForCausalLM folder) converted by llama.cpp's convert_hf_to_gguf.py to F32 / BF16 and quantized by "
     "llama-quantize to Q8_0 / Q4_0 / Q3_K_S, timed by llama-bench with the same thread count in the same interleaved "
-    "rounds "
-    "(decode: -n decode_tokens -d prompt_tokens; prefill: -p prompt_tokens); their bytes per token = the GGUF file "
-    "size. ratio_X_over_llama_cpp_Y_* are paired medians (tokens/s: ours / theirs; prefill_s: ours / theirs).",
+    "rounds (decode: -n decode_tokens -d prompt_tokens; prefill: -p prompt_tokens); their bytes per token = the GGUF "
+    "file size. ratio_X_over_llama_cpp_Y_* are paired medians (tokens/s: ours / theirs; prefill_s: ours / theirs).",
 }
 
 
