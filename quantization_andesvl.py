@@ -456,26 +456,24 @@ class AndesVLQuantizedLinear(nn.Linear):
         """`build()`, made on first use and again whenever `qweight` or `scales` changes (in place or replaced);
         kept outside the state dict."""
         key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (self.qweight, self.scales))
-        cached = self.__dict__.get(name)
+        layouts = self.__dict__.setdefault("_kernel_layouts", {})  # name -> (key, layout)
+        cached = layouts.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, build())
-            self.__dict__[name] = cached
+            cached = layouts[name] = (key, build())
         return cached[1]
 
     def kernel_layout_tensors(self) -> list[torch.Tensor]:
         """The kernel layouts built so far (outside the state dict, resident next to `qweight` / `scales`): what decode
         steps read instead of them. int4 (and int2 / int3) codes get a 4-bit packed copy and [in/g, out, 2] scales and
         zero points; int8 codes a copy only when `qweight` is misaligned."""
-        layouts = [
-            self.__dict__[name][1] for name in ("_int4_kernel_cache", "_int8_kernel_cache") if name in self.__dict__
-        ]
+        layouts = [layout for _, layout in self.__dict__.get("_kernel_layouts", {}).values()]
         return [tensor for layout in layouts for tensor in (layout if isinstance(layout, tuple) else (layout,))]
 
     def _int8_kernel_weight(self) -> torch.Tensor:
         """`qweight` itself when it is aligned for the kernel, else an aligned copy, kept until `qweight` changes."""
         if is_aligned(self.qweight):
             return self.qweight
-        return self._kernel_layout("_int8_kernel_cache", lambda: aligned(self.qweight))
+        return self._kernel_layout("int8", lambda: aligned(self.qweight))
 
     def _int4_kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's layout of `qweight` / `scales`, built on first use and again whenever either changes: codes
@@ -488,7 +486,7 @@ class AndesVLQuantizedLinear(nn.Linear):
             scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()  # [in/g, out, 2]
             return packed, scales_and_zeros
 
-        return self._kernel_layout("_int4_kernel_cache", build)
+        return self._kernel_layout("int4", build)
 
     def extra_repr(self) -> str:
         quantization = f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
