@@ -3,6 +3,11 @@
 `AndesVLAdapterMixin` is composed by `AndesVLForConditionalGeneration`, so `model.available_adapters()`,
 `model.load_scenario_adapter(name)` and the fixed `set_adapter` / `enable_adapters` work on the model; it imports
 neither the model nor the processor (peft is imported by transformers once an adapter is loaded).
+
+A quantized base's linears (`AndesVLQuantizedLinear`) are no `nn.Linear`: peft wraps them with the LoRA layer here,
+through its custom-module route (`LoraConfig._register_custom_module`). The model's `add_adapter`, `load_adapter` and
+`load_scenario_adapter` register it themselves; for `get_peft_model` / `PeftModel.from_pretrained`, pass a config
+through `model.register_lora_layers(config)`.
 """
 
 from __future__ import annotations
@@ -10,10 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from .quantization_andesvl import AndesVLQuantizedLinear
+
+MERGE_REFUSAL = (
+    "Merging a LoRA adapter into the quantized base (peft `merge_adapter`, `merge_and_unload`) is not supported: the "
+    "base has no float weight to merge into. Keep adapters unmerged, or merge into the float model and quantize again."
+)
 
 
 class AndesVLAdapterMixin:
@@ -24,6 +37,40 @@ class AndesVLAdapterMixin:
         return sorted(
             path.parent.name for path in _repo_folder(self.name_or_path).glob("adapters/*/adapter_config.json")
         )
+
+    def register_lora_layers(self, config: Any) -> Any:
+        """`config` (a peft `LoraConfig`) with the LoRA layer for this model's quantized linears registered (peft's
+        custom-module route); other configs, and configs for a float base, are returned as they are."""
+        if self._has_quantized_linears() and hasattr(config, "_register_custom_module"):
+            config._register_custom_module(lora_layer_mapping())
+        return config
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str | None = None) -> None:
+        """transformers' `add_adapter`, with `register_lora_layers(adapter_config)` first."""
+        super().add_adapter(self.register_lora_layers(adapter_config), adapter_name)
+
+    def load_adapter(self, peft_model_id: str | None = None, adapter_name: str | None = None, *args, **kwargs) -> Any:
+        """transformers' `load_adapter`. On a quantized base the adapter's config is read first (a Hub id's adapter
+        folder is downloaded) and passed with `register_lora_layers` applied: peft has no LoRA layer of its own for
+        the quantized linears."""
+        if peft_model_id is None or args or kwargs.get("peft_config") is not None:
+            return super().load_adapter(peft_model_id, adapter_name, *args, **kwargs)
+        if not self._has_quantized_linears():
+            return super().load_adapter(peft_model_id, adapter_name, **kwargs)
+        from peft import PeftConfig  # peft is needed for adapters anyway
+
+        adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
+        subfolder = adapter_kwargs.pop("subfolder", None) or kwargs.pop("subfolder", None) or ""
+        folder = _repo_folder(str(peft_model_id), f"{subfolder}/*" if subfolder else "adapter_*") / subfolder
+        config = PeftConfig.from_pretrained(str(folder))
+        config.inference_mode = not kwargs.get("is_trainable", False)
+        kwargs["peft_config"] = self.register_lora_layers(config)
+        if adapter_kwargs:
+            kwargs["adapter_kwargs"] = adapter_kwargs
+        return super().load_adapter(str(folder), adapter_name, **kwargs)
+
+    def _has_quantized_linears(self) -> bool:
+        return any(isinstance(module, AndesVLQuantizedLinear) for module in self.modules())
 
     def enable_adapters(self) -> None:
         """transformers' `enable_adapters`, which turns the LoRA layers back on but not the full copies of
@@ -87,7 +134,8 @@ class AndesVLAdapterMixin:
         if adapter_name in (getattr(self, "peft_config", None) or {}):
             raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another adapter_name.")
         previous = self.active_adapters() if getattr(self, "peft_config", None) else []
-        report_logger, report_filter = logging.getLogger("transformers.integrations.peft"), _TiedTokenRowsReport()
+        loaded = list(getattr(self, "peft_config", None) or {})
+        report_logger, report_filter = logging.getLogger("transformers.integrations.peft"), _SpuriousLoadReport(loaded)
         report_logger.addFilter(report_filter)
         try:
             self.load_adapter(str(folder), adapter_name=adapter_name, **kwargs)
@@ -118,6 +166,34 @@ class AndesVLAdapterMixin:
                 f"Adapter {adapter_name!r} trains {inputs[adapter_name].shape[0]} token rows of the tied embeddings, "
                 "but peft did not tie them to the output layer; upgrade peft (>= 0.15)."
             )
+
+
+@cache
+def lora_layer_mapping() -> dict[type[nn.Module], type[nn.Module]]:
+    """peft's custom-module mapping for a quantized base: `{AndesVLQuantizedLinear: its LoRA layer}`. The LoRA layer
+    is peft's `lora.Linear` (adapter weights, dropout, scaling, mixed batches, hot-swapping) over the quantized
+    layer's own forward; merging is refused, there is no float weight to merge into. Built on first use: peft is
+    optional until an adapter is loaded."""
+    try:  # in a try block: transformers requires every package imported outside one (peft is optional)
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError as error:
+        raise ImportError("LoRA adapters need peft: pip install peft") from error
+
+    class AndesVLQuantizedLoraLinear(LoraLinear):
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+            if config.use_dora:
+                raise ValueError(
+                    "DoRA needs the base layer's float weight; a quantized base has none (use_dora=False)."
+                )
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            raise NotImplementedError(MERGE_REFUSAL)
+
+    return {AndesVLQuantizedLinear: AndesVLQuantizedLoraLinear}
 
 
 def _repo_folder(name_or_path: str, pattern: str = "adapters/*/adapter_config.json") -> Path:
@@ -171,19 +247,26 @@ def check_adapter_fits_loaded_adapters(folder: Path, model: nn.Module) -> None:
         )
 
 
-class _TiedTokenRowsReport(logging.Filter):
-    """Drops transformers 5's adapter load report when all it lists as MISSING are names that peft's trainable-token
-    wrappers add: the tied output copy of the rows (`lm_head.token_adapter.trainable_tokens_delta.<name>`; peft saves
-    them once, under `embed_tokens`, and shares them, which `_check_tied_token_rows` verifies) and the wrapped base
-    weights (`...token_adapter.base_layer.weight`, loaded with the base model). Nothing is newly initialized."""
+class _SpuriousLoadReport(logging.Filter):
+    """Drops transformers 5's adapter load report when all it lists as MISSING are keys that are not missing: the
+    adapters loaded before this one (`...lora_A.<loaded>.weight`: 5.x expects every LoRA key of the model from the new
+    adapter's file) and the names that peft's trainable-token wrappers add, the tied output copy of the rows
+    (`lm_head.token_adapter.trainable_tokens_delta.<name>`; peft saves them once, under `embed_tokens`, and shares
+    them, which `_check_tied_token_rows` verifies) and the wrapped base weights (`...token_adapter.base_layer.weight`,
+    loaded with the base model). Nothing is newly initialized."""
 
     WRAPPER_NAMES = ("lm_head.token_adapter.trainable_tokens_delta.", ".token_adapter.base_layer.")
+
+    def __init__(self, loaded: list[str] | tuple[str, ...] = ()):
+        super().__init__()
+        self.loaded_markers = tuple(f".{name}." for name in loaded)
 
     def filter(self, record: logging.LogRecord) -> bool:
         rows = [line.split("|") for line in record.getMessage().splitlines() if line.count("|") >= 2]
         rows = [(key.strip(), status.strip()) for key, status, *_ in rows]
         rows = [(key, status) for key, status in rows if key not in ("Key", "") and set(key) != {"-"}]
-        spurious = [status == "MISSING" and any(name in key for name in self.WRAPPER_NAMES) for key, status in rows]
+        names = self.WRAPPER_NAMES + self.loaded_markers
+        spurious = [status == "MISSING" and any(name in key for name in names) for key, status in rows]
         return not rows or not all(spurious)
 
 
@@ -274,4 +357,4 @@ def check_adapter_matches_model(folder: Path, model: nn.Module) -> None:
         )
 
 
-__all__ = ["AndesVLAdapterMixin", "check_adapter_matches_model", "read_adapter_config"]
+__all__ = ["AndesVLAdapterMixin", "check_adapter_matches_model", "lora_layer_mapping", "read_adapter_config"]

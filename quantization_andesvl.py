@@ -23,12 +23,13 @@ Decoding on CPU in bf16 (bf16 scales, the default, and bf16 activations) reads t
 kernels: int4 with a group of 32-256 (`_weight_int4pack_mm_for_cpu`; int2 / int3 codes too, widened to its 4-bit
 layout once, so they are smaller on disk but as fast and as large as int4 in memory), int8 with one scale per row
 (`_weight_int8pack_mm`). Longer half-precision inputs on CPU (prompts, training batches) multiply the dequantized
-weight in fp32, a block of output rows at a time; other settings dequantize the weight per forward in the compute
-dtype.
+weight a block of output rows at a time, in bf16 on CPUs with AMX tiles and in fp32 elsewhere (`prefill_dtype`);
+other settings dequantize the weight per forward in the compute dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -60,12 +61,20 @@ PER_ROW = -1
 INT8_KERNEL_IN_MULTIPLE = 16
 KERNEL_ALIGNMENT = 64
 INT8_KERNEL_MAX_ROWS = 4  # measured (1024x3072, 2 threads, Xeon AMX): 1.4-2.6x bf16 F.linear up to 4 rows, 0.7x at 6
+# Where prompts multiply in bf16 (a CPU with AMX tiles, `prefill_dtype`), the comparison is against that block-by-block
+# path, which dequantizes every weight per forward; measured (1024x3072 and 2560x9728, 2 threads, Xeon AMX), the kernel
+# takes of its time: int4 0.50-0.53 at 32 rows, 0.67-0.80 at 48, 0.87-1.09 at 64; int8 0.62-0.68 at 16, 0.88-0.96 at
+# 24. Batched decode steps (a batch of up to that many sequences) stay on the kernels there.
+AMX_INT4_KERNEL_MAX_ROWS = 32
+AMX_INT8_KERNEL_MAX_ROWS = 16
 # bf16 scales: what both CPU kernels take (with bf16 activations), so a quantized base decodes on them by default.
 DEFAULT_SCALE_DTYPE = "bfloat16"
-# Inputs with more rows than the kernels take (prefill) multiply the dequantized weight in fp32 on CPU: measured with
-# torch 2.13, a 230-row bf16 matmul is 1.6-5x slower than fp32 on CPUs without (AMD AVX2) and with (Xeon AMX) bf16
-# instructions, so a bf16 quantized base would otherwise prefill slower than the float base.
-PREFILL_DTYPE = torch.float32
+# Inputs with more rows than the kernels take (prefill) multiply the dequantized weight block by block, in bf16 on a
+# CPU with AMX tiles and in fp32 elsewhere (`prefill_dtype`). Measured with torch 2.13, 230 rows, 2 threads: on a Xeon
+# with AMX a bf16 matmul is 3-5x faster than fp32 (oneDNN's AMX brgemm), and the bf16 path 1.4-3x faster than the fp32
+# one (0.33-0.73x the float base's fp32 matmul); without AMX (AMD AVX2) bf16 is 4.5-5x slower than fp32.
+# Weights quantized at once (fp32 temporaries of 64 MB each): the 4B LM head (389M weights) at once took several GB.
+QUANTIZE_BLOCK_ELEMENTS = 2**24
 PREFILL_BLOCK_ELEMENTS = 2**21  # weights dequantized per block of output rows in that path (8 MB in fp32; measured best
 # of 2**20-2**22 on 1024- to 9728-wide layers)
 SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype", "lm_head")
@@ -74,6 +83,27 @@ SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype", "lm_head")
 # ----------------------------------------------------------------------------------------------------------------------
 # Spec validation
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def cpu_has_amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles and the OS grants their state (oneDNN then multiplies bf16 matrices on them)."""
+    supported, init = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_init_amx"))
+    return bool(supported and init and supported() and init())
+
+
+def prefill_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a half-precision prompt multiplies the dequantized weight in on CPU: bf16 for bf16 inputs on a CPU
+    with AMX tiles (the weight is then exactly the decode kernels' bf16 one), else fp32 (the weight is exactly
+    `code * scale`, the values QALFT trains with in fp32)."""
+    return torch.bfloat16 if input_dtype == torch.bfloat16 and cpu_has_amx_tiles() else torch.float32
+
+
+def kernel_max_rows(bits: int) -> int:
+    """The most input rows that a layer of `bits` sends to its packed kernel on this CPU."""
+    if bits == 8:
+        return AMX_INT8_KERNEL_MAX_ROWS if cpu_has_amx_tiles() else INT8_KERNEL_MAX_ROWS
+    return AMX_INT4_KERNEL_MAX_ROWS if cpu_has_amx_tiles() else INT4_KERNEL_MAX_ROWS
 
 
 def qmax_for(bits: int) -> int:
@@ -135,20 +165,34 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def quantize_weight(
     weight: torch.Tensor, bits: int, group_size: int, scale_dtype: str | torch.dtype = DEFAULT_SCALE_DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [out, in] -> (codes int8 [out, in], scales `scale_dtype` [out, in/group_size])."""
+    """weight [out, in] -> (codes int8 [out, in], scales `scale_dtype` [out, in/group_size]), `QUANTIZE_BLOCK_ELEMENTS`
+    weights at a time (every step is row-wise: the result does not depend on the blocks)."""
     qmax = qmax_for(bits)
     out_features, in_features = weight.shape
     group_size = group_width(in_features, group_size)
     scale_dtype = scale_dtype_of(scale_dtype)
-    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)  # [out, G, g]
-    num_bad = int((~torch.isfinite(groups)).sum())
+    step = max(1, QUANTIZE_BLOCK_ELEMENTS // in_features)
+    blocks = [weight.detach()[start : start + step] for start in range(0, out_features, step)]
+    num_bad = sum(int((~torch.isfinite(block)).sum()) for block in blocks)
     if num_bad:
         raise ValueError(f"Cannot quantize a weight with {num_bad} non-finite values out of {weight.numel()}.")
+    quantized = [quantize_rows(block, qmax, group_size, scale_dtype) for block in blocks]
+    if len(quantized) == 1:
+        return quantized[0]
+    return torch.cat([codes for codes, _ in quantized]), torch.cat([scales for _, scales in quantized])
+
+
+def quantize_rows(
+    weight: torch.Tensor, qmax: int, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheme on a block of rows [rows, in] -> (codes int8 [rows, in], scales [rows, in/group_size])."""
+    rows, in_features = weight.shape
+    groups = weight.float().reshape(rows, in_features // group_size, group_size)  # [rows, G, g]
     limits = torch.finfo(scale_dtype)
     # The tiny floor keeps all-zero groups at code 0 instead of 0/0 = NaN.
-    scales = (groups.abs().amax(-1) / qmax).clamp(limits.tiny, limits.max).to(scale_dtype)  # [out, G]
-    codes = torch.round(groups / scales.float()[..., None]).clamp(-qmax - 1, qmax)  # [out, G, g]
-    return codes.to(torch.int8).reshape(out_features, in_features), scales
+    scales = (groups.abs().amax(-1) / qmax).clamp(limits.tiny, limits.max).to(scale_dtype)  # [rows, G]
+    codes = torch.round(groups / scales.float()[..., None]).clamp(-qmax - 1, qmax)  # [rows, G, g]
+    return codes.to(torch.int8).reshape(rows, in_features), scales
 
 
 def dequantize_weight(
@@ -266,35 +310,13 @@ def aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if is_aligned(tensor) else tensor.clone(memory_format=torch.contiguous_format)
 
 
-class NoFloatWeight:
-    """What `AndesVLQuantizedLinear.weight` returns: not a tensor, so nothing can be read from or merged into it.
+class AndesVLQuantizedLinear(nn.Module):
+    """Weight-only quantized linear layer: persistent buffers `qweight` and `scales`, an optional float `bias`; no
+    float weight (`dequantized_weight(dtype)` computes one).
 
-    Metadata answers like a float weight's: peft reads `weight` of every `nn.Linear` it wraps (a DTensor check, then
-    `.device` / `.dtype` to place and cast the LoRA layers), and model code may do `x.to(linear.weight.dtype)`; the
-    dtype is the layer's compute dtype, which follows `.to(dtype)`. Reading data, e.g. `.data` in peft's
-    `merge_adapter()` / `merge_and_unload()`, raises an AttributeError that says why.
-    """
-
-    def __init__(self, layer: AndesVLQuantizedLinear):
-        self.device, self.dtype = layer.qweight.device, layer.dtype_anchor.dtype
-        self.shape = torch.Size((layer.out_features, layer.in_features))
-        self._description = f"{layer.bits}-bit, group_size={layer.group_size}"
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(
-            f"AndesVLQuantizedLinear ({self._description}) has no float weight (asked for `weight.{name}`); use "
-            "`dequantized_weight(dtype)`. Merging a LoRA adapter into the quantized base (peft `merge_adapter`, "
-            "`merge_and_unload`) is not supported: keep adapters unmerged, or merge into the float model and quantize "
-            "again."
-        )
-
-
-class AndesVLQuantizedLinear(nn.Linear):
-    """Weight-only quantized linear layer: persistent buffers `qweight` and `scales`, an optional float `bias`.
-
-    It subclasses `nn.Linear` only so that peft's LoRA dispatch (`isinstance(base_layer, nn.Linear)`) wraps it with the
-    standard `lora.Linear`. There is no float `weight` parameter: `weight` is a `NoFloatWeight` stub (see there), so
-    peft can place adapters, and merging into this layer fails with a clear message instead of corrupting anything.
+    peft wraps it through its custom-module route (`LoraConfig._register_custom_module`, which the model's adapter
+    methods do: `adapters_andesvl.lora_layer_mapping`); like bitsandbytes' layers it reports `compute_dtype`, which
+    peft reads to place and cast the LoRA layers.
     """
 
     def __init__(
@@ -311,8 +333,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         qmax_for(bits)
         check_group_size(in_features, group_size)
         check_packable(in_features, bits)
-        super().__init__(in_features, out_features, bias=False, device="meta")
-        del self.weight
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         packed = bits in PACKED_BITS
         packed_shape = (out_features, in_features * bits // 8 if packed else in_features)
@@ -320,11 +342,12 @@ class AndesVLQuantizedLinear(nn.Linear):
         self.register_buffer("qweight", torch.zeros(packed_shape, dtype=code_dtype, device=device))
         scales_shape = (out_features, in_features // group_width(in_features, group_size))
         self.register_buffer("scales", torch.zeros(scales_shape, dtype=scale_dtype_of(scale_dtype), device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        # Zero-size and not saved: it follows `.to(dtype)` casts, so `weight.dtype` reports the compute dtype.
+        bias_tensor = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_parameter("bias", bias_tensor)
+        # Zero-size and not saved: it follows `.to(dtype)` casts, so `compute_dtype` follows the model's dtype.
         self.register_buffer("dtype_anchor", torch.empty(0, dtype=dtype, device=device), persistent=False)
-        # transformers' `_init_weights` (ours and Qwen3's) would draw `module.weight` for every nn.Linear: this layer's
-        # state is loaded from the checkpoint, never drawn, so mark it initialised (both 4.x and 5.x skip it).
+        # This layer's state is loaded from the checkpoint, never drawn: transformers' weight initialisation (4.x and
+        # 5.x) skips a module marked initialised.
         self._is_hf_initialized = True
 
     @classmethod
@@ -350,12 +373,10 @@ class AndesVLQuantizedLinear(nn.Linear):
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer.train(linear.training)
 
-    def reset_parameters(self) -> None:
-        """Nothing to draw: the state is the checkpoint's (`nn.Linear.__init__` calls this)."""
-
     @property
-    def weight(self) -> NoFloatWeight:
-        return NoFloatWeight(self)
+    def compute_dtype(self) -> torch.dtype:
+        """The model's dtype (it follows `.to(dtype)`); the scales keep theirs."""
+        return self.dtype_anchor.dtype
 
     def _apply(self, fn, recurse: bool = True):
         # `.to(dtype)`, `.half()`, `.bfloat16()` would round the scales and break bit-exactness with QALFT: follow
@@ -381,8 +402,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         elif self.uses_int8_kernel(input):
             rows = aligned(input.reshape(-1, self.in_features))  # [M, in]
             output = torch.ops.aten._weight_int8pack_mm(rows, self._int8_kernel_weight(), self.scales.reshape(-1))
-        elif self.prefills_in_fp32(input):
-            return self._prefill_in_fp32(input)
+        elif self.prefills_blockwise(input):
+            return self._prefill_blockwise(input)
         else:
             return F.linear(input, self.dequantized_weight(input.dtype), self.bias)
         output = output.reshape(*input.shape[:-1], self.out_features)
@@ -399,31 +420,33 @@ class AndesVLQuantizedLinear(nn.Linear):
             and not (torch.is_grad_enabled() and input.requires_grad)
         )
 
-    def prefills_in_fp32(self, input: torch.Tensor) -> bool:
-        """Whether `forward(input)` multiplies the dequantized weight in fp32 (`PREFILL_DTYPE`) and casts the result
-        back to the input's dtype: half-precision inputs on CPU with more rows than the kernels take (prompts,
-        training batches). In fp32 the dequantized weight is exact (`code * scale`), the values QALFT trains with."""
+    def prefills_blockwise(self, input: torch.Tensor) -> bool:
+        """Whether `forward(input)` multiplies the dequantized weight block by block in `prefill_dtype` and casts the
+        result back to the input's dtype: half-precision inputs on CPU with more than `INT4_KERNEL_MAX_ROWS` rows
+        (prompts, training batches) that the packed kernels do not take."""
         return (
             input.dtype in (torch.bfloat16, torch.float16)
             and input.device.type == "cpu"
             and input.numel() > max(INT4_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS) * self.in_features
+            and not (self.uses_int4_kernel(input) or self.uses_int8_kernel(input))
         )
 
-    def _prefill_in_fp32(self, input: torch.Tensor) -> torch.Tensor:
-        """`F.linear` in fp32 with the dequantized weight, dequantized `PREFILL_BLOCK_ELEMENTS` at a time (a block of
-        output rows): the block stays in cache for its matmul, and no full-size fp32 weight is allocated (fresh
+    def _prefill_blockwise(self, input: torch.Tensor) -> torch.Tensor:
+        """`F.linear` in `prefill_dtype` with the dequantized weight, dequantized `PREFILL_BLOCK_ELEMENTS` at a time (a
+        block of output rows): the block stays in cache for its matmul, and no full-size weight is allocated (fresh
         multi-MB buffers cost page faults on every forward; measured 2-5x the dequantization itself at 4B widths)."""
-        rows = input.reshape(-1, self.in_features).to(PREFILL_DTYPE)  # [M, in]
+        dtype = prefill_dtype(input.dtype)
+        rows = input.reshape(-1, self.in_features).to(dtype)  # [M, in]
         step = max(1, PREFILL_BLOCK_ELEMENTS // self.in_features)
         blocks = []
         for start in range(0, self.out_features, step):
             codes = self.qweight[start : start + step]
             codes = unpack_codes(codes, self.bits) if self.bits in PACKED_BITS else codes  # [rows, in]
-            weight = dequantize_weight(codes, self.scales[start : start + step], self.group_size, PREFILL_DTYPE)
+            weight = dequantize_weight(codes, self.scales[start : start + step], self.group_size, dtype)
             blocks.append(F.linear(rows, weight))  # [M, rows]
         output = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)  # [M, out]
         if self.bias is not None:
-            output = output + self.bias.to(PREFILL_DTYPE)
+            output = output + self.bias.to(dtype)
         return output.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
 
     def uses_int8_kernel(self, input: torch.Tensor) -> bool:
@@ -435,20 +458,20 @@ class AndesVLQuantizedLinear(nn.Linear):
             self.bits == 8
             and self.group_size == PER_ROW
             and self.in_features % INT8_KERNEL_IN_MULTIPLE == 0
-            and self._kernel_input(input, INT8_KERNEL_MAX_ROWS)
+            and self._kernel_input(input, kernel_max_rows(8))
             and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         )
 
     def uses_int4_kernel(self, input: torch.Tensor) -> bool:
         """Whether `forward(input)` reads the packed int4 weights directly (torch's CPU kernel) instead of
         dequantizing: int4 (or int2 / int3, whose codes fit its 4 bits) with bf16 scales, bf16 activations on CPU, a
-        group size the kernel takes, at most `INT4_KERNEL_MAX_ROWS` rows (decoding), and no gradient needed for the
+        group size the kernel takes, at most `kernel_max_rows(bits)` rows (decoding), and no gradient needed for the
         input (the kernel has no backward).
         The kernel's dequantized weight is bit for bit `dequantized_weight(torch.bfloat16)` (tested)."""
         return (
             self.bits in PACKED_BITS
             and self.group_size in INT4_KERNEL_GROUP_SIZES
-            and self._kernel_input(input, INT4_KERNEL_MAX_ROWS)
+            and self._kernel_input(input, kernel_max_rows(self.bits))
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
 
@@ -489,8 +512,8 @@ class AndesVLQuantizedLinear(nn.Linear):
         return self._kernel_layout("int4", build)
 
     def extra_repr(self) -> str:
-        quantization = f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
-        return f"{super().extra_repr()}, {quantization}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return f"{shape}, bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scales.dtype}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -505,7 +528,9 @@ def select_linear_modules(model: nn.Module, modules: str) -> list[tuple[str, nn.
     selected = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not output_embeddings and pattern.fullmatch(name)
+        if isinstance(module, (nn.Linear, AndesVLQuantizedLinear))
+        and module is not output_embeddings
+        and pattern.fullmatch(name)
     ]
     if not selected:
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]

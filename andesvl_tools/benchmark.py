@@ -131,8 +131,9 @@ NOTES = {
     "decoder layers, embedding and LM head in full) in fp32, bf16 (.to) and weight-only int8 / int4 "
     "(quantization_andesvl.quantize_model, language-model projections; 'variants' says what each one is): the "
     "fp16-scale ones dequantize each weight in every forward, the *_kernel ones (bf16 scales, bf16 model) read the "
-    "packed codes through torch's CPU kernels for decode steps and multiply the dequantized weight in fp32 for the "
-    "prompt; *_head also quantizes the LM head (untied; the embedding lookup stays float). Decode tokens/s as in "
+    "packed codes through torch's CPU kernels for decode steps and multiply the dequantized weight block by block "
+    "for the prompt, in prompt_matmul_dtype (bf16 on a CPU with AMX tiles, else fp32); *_head also quantizes the LM "
+    "head (untied; the embedding lookup stays float). Decode tokens/s as in "
     "'decode' (text-only prompt of --prompt-tokens); prefill_s = the prompt's forward in generate. "
     "decode_weight_mb_per_token = bytes one decode step must read (decoder layers + final norm + the LM head in "
     "full; for the kernel rows the kernels' own layout: int3 codes run as a 4-bit copy); model_weight_mb = the saved "
@@ -531,7 +532,7 @@ def add_lora_adapters(model: torch.nn.Module, rank: int, seed: int):
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules=model.default_lora_target_modules
     )
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAMES[0])
+    peft_model = get_peft_model(model, model.register_lora_layers(config), adapter_name=ADAPTER_NAMES[0])
     for name in ADAPTER_NAMES[1:]:
         peft_model.add_adapter(name, config)
     return peft_model.eval()
@@ -717,15 +718,27 @@ QUANT_VARIANTS: dict[str, tuple[str, torch.dtype, dict[str, Any] | None]] = {
 }
 
 
+def prefill_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the quantized layers multiply a prompt of `input_dtype` in on this CPU."""
+    return get_class_from_dynamic_module("quantization_andesvl.prefill_dtype", str(REPO_ROOT))(input_dtype)
+
+
 def quantized_variants(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
-    """The fp32 `model` itself and, for every other name, a copy cast and quantized as QUANT_VARIANTS says."""
+    """The fp32 `model` itself and, for every other name, a copy cast and quantized as QUANT_VARIANTS says. Each dtype
+    is cast once and the quantized variants copy that cast (a bf16 copy, not a second fp32 one: the 4B shape's
+    variants fit in 24 GB)."""
     quantize_model = get_class_from_dynamic_module("quantization_andesvl.quantize_model", str(REPO_ROOT))
+    casts: dict[torch.dtype, torch.nn.Module] = {torch.float32: model}
     variants = {}
     for name in names:
         _, dtype, spec = QUANT_VARIANTS[name]
-        variant = model if name == "fp32" else copy.deepcopy(model).to(dtype)
-        if spec is not None:
-            quantize_model(variant, **spec)
+        if dtype not in casts:
+            casts[dtype] = copy.deepcopy(model).to(dtype)
+        if spec is None:
+            variants[name] = casts[dtype]
+            continue
+        variant = copy.deepcopy(casts[dtype])
+        quantize_model(variant, **spec)
         variants[name] = variant
     return variants
 
@@ -829,6 +842,7 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": tokens,
         "prompt_tokens": args.prompt_tokens,
         "memory_bandwidth_gb_s": bandwidth,
+        "prompt_matmul_dtype": str(prefill_dtype(torch.bfloat16)).removeprefix("torch."),
         "variants": {name: QUANT_VARIANTS[name][0] for name in variants},
     }
     for name in contenders:

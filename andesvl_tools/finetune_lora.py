@@ -390,7 +390,8 @@ def add_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         modules_to_save=["mlp.0", "mlp.2"] if args.train_projector else None,
         trainable_token_indices=args.trainable_tokens or None,  # embed_tokens rows (and the tied output rows)
     )
-    return get_peft_model(model, config)  # freezes everything but the adapter (and modules_to_save)
+    # register_lora_layers: the LoRA layer for a quantized base's linears (a no-op on a float base)
+    return get_peft_model(model, model.register_lora_layers(config))  # freezes all but the adapter (+ modules_to_save)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

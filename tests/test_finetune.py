@@ -497,11 +497,14 @@ def test_answer_tokens_train_only_their_embedding_rows_tied_to_the_output(
     # are not (the checks above), and that report is silenced, but no other
     assert not [message for message in reports.messages if "MISSING" in message], "\n".join(reports.messages)
     package = type(model).__module__.rsplit(".", 1)[0]
-    report_filter = sys.modules[f"{package}.adapters_andesvl"]._TiedTokenRowsReport()
+    report_filter = sys.modules[f"{package}.adapters_andesvl"]._SpuriousLoadReport(["ocr"])
     other = "Key | Status |\n----+----+\nlanguage_model.lm_head.weight | MISSING |"
     assert report_filter.filter(logging.makeLogRecord({"msg": other}))
     tied = "Key | Status |\n----+----+\nlanguage_model.lm_head.token_adapter.trainable_tokens_delta.x | MISSING |"
     assert not report_filter.filter(logging.makeLogRecord({"msg": tied}))
+    loaded = "Key | Status |\n----+----+\nlanguage_model.model.layers.{0, 1}.mlp.up_proj.lora_B.ocr.weight | MISSING |"
+    assert not report_filter.filter(logging.makeLogRecord({"msg": loaded}))  # ocr was loaded before
+    assert report_filter.filter(logging.makeLogRecord({"msg": loaded.replace(".ocr.", ".gui.")}))
 
     wide = repo / "adapters" / "tokens-wide"  # rows of another width: a clear error before peft sees them
     shutil.copytree(output, wide)

@@ -320,3 +320,29 @@ def test_bfloat16_forward_is_finite(tiny_repo):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_the_lm_head_gets_the_kept_positions_as_a_dense_tensor(tiny_repos):
+    """generate's prefill keeps one position: Qwen3 hands the head a strided view of it, for which torch's CPU matmul
+    copies the transposed [vocab, hidden] weight (bf16: 1.2 s per prefill at the 0.6B shape). The head's pre-hook
+    makes it dense; the logits are those of the view, bit for bit."""
+    model = load_model(tiny_repos["aimv2"], dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda module, args, output: seen.append(args[0].stride()))  # after pre-hooks
+    inputs = packed_inputs(model.config, [(4, 4)])
+    hidden = model.config.text_config.hidden_size
+    try:
+        with torch.no_grad():
+            kept = model(**inputs, logits_to_keep=1).logits  # [B, 1, V]
+            assert seen[-1] == (hidden, hidden, 1)  # dense [B, 1, H]
+            hooks = dict(head._forward_pre_hooks)
+            head._forward_pre_hooks.clear()
+            try:
+                strided = model(**inputs, logits_to_keep=1).logits
+            finally:
+                head._forward_pre_hooks.update(hooks)
+            assert seen[-1][0] == inputs["input_ids"].shape[1] * hidden  # without the hook: the strided view
+    finally:
+        probe.remove()
+    assert kept.shape[1] == 1 and torch.equal(kept, strided)

@@ -303,11 +303,10 @@ def test_dtype_moves_keep_codes_and_scales(quantize_tiny):
     model.to(torch.float16)  # a bfloat16 -> float16 cast would round the scales
     assert torch.equal(layer.qweight, qweight) and torch.equal(layer.scales, scales)
     assert layer.scales.dtype == torch.bfloat16 and model.dtype == torch.float16
-    assert layer.weight.dtype == torch.float16 and layer.weight.shape == (layer.out_features, layer.in_features)
+    assert layer.compute_dtype == torch.float16
+    assert not isinstance(layer, nn.Linear) and not hasattr(layer, "weight")  # no float weight, no stand-in for one
     inputs = torch.randn(2, layer.in_features, dtype=torch.float16)
     assert torch.equal(layer(inputs), F.linear(inputs, layer.dequantized_weight(torch.float16)))
-    with pytest.raises(AttributeError, match="no float weight"):
-        layer.weight.data  # noqa: B018
 
 
 def test_plain_peft_lora_on_the_quantized_base(quantize_tiny, tmp_path):
@@ -318,8 +317,13 @@ def test_plain_peft_lora_on_the_quantized_base(quantize_tiny, tmp_path):
         base = model(**inputs).logits
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=qz.DEFAULT_MODULES, init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    assert len([name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]) == 14
+    with pytest.raises(ValueError, match="AndesVLQuantizedLinear.* is not supported"):  # peft alone has no LoRA layer
+        get_peft_model(copy.deepcopy(model), LoraConfig(**config.to_dict()))
+    peft_model = get_peft_model(model, model.register_lora_layers(config))  # peft's custom-module route
+    lora_layers = [module for module in peft_model.modules() if hasattr(module, "lora_A")]
+    assert len(lora_layers) == 14
+    assert all(type(layer.base_layer).__name__ == "AndesVLQuantizedLinear" for layer in lora_layers)
+    assert all(layer.lora_A["default"].weight.dtype == torch.float32 for layer in lora_layers)
     with torch.no_grad():
         adapted = peft_model(**inputs).logits
         assert not torch.allclose(adapted, base)
@@ -334,19 +338,30 @@ def test_plain_peft_lora_on_the_quantized_base(quantize_tiny, tmp_path):
     assert all(p.grad is None for name, p in peft_model.named_parameters() if "lora_" not in name)
 
     peft_model.eval()
-    with pytest.raises(AttributeError, match=r"Merging a LoRA adapter into the quantized base .* not supported"):
+    with pytest.raises(NotImplementedError, match=r"Merging a LoRA adapter into the quantized base .* not supported"):
         peft_model.merge_adapter()
+    with pytest.raises(NotImplementedError, match=r"Merging a LoRA adapter into the quantized base"):
+        peft_model.merge_and_unload()
     with torch.no_grad():
         assert torch.equal(peft_model(**inputs).logits, adapted)  # the failed merge changed nothing
 
     peft_model.save_pretrained(tmp_path / "adapters" / "qa")
     with torch.no_grad():
-        wrapped = PeftModel.from_pretrained(load_model(output, dtype=torch.float32), tmp_path, subfolder="adapters/qa")
+        base = load_model(output, dtype=torch.float32)
+        saved = base.register_lora_layers(LoraConfig.from_pretrained(tmp_path, subfolder="adapters/qa"))
+        wrapped = PeftModel.from_pretrained(base, tmp_path, subfolder="adapters/qa", config=saved)
         assert torch.equal(wrapped(**inputs).logits, adapted)
         integrated = load_model(output, dtype=torch.float32)
         integrated.load_adapter(str(tmp_path / "adapters" / "qa"), adapter_name="qa")
         integrated.set_adapter("qa")
         assert torch.equal(integrated(**inputs).logits, adapted)
+        # a repo folder plus subfolder (which transformers 4.57 ignores for local folders) goes through the same route
+        integrated.load_adapter(str(tmp_path), adapter_name="again", adapter_kwargs={"subfolder": "adapters/qa"})
+        integrated.set_adapter("again")
+        assert torch.equal(integrated(**inputs).logits, adapted)
+        # transformers' add_adapter (training a new adapter on the quantized base) registers the LoRA layer too
+        integrated.add_adapter(LoraConfig(r=2, target_modules=qz.DEFAULT_MODULES), adapter_name="new")
+        assert sorted(integrated.peft_config) == ["again", "new", "qa"]
 
 
 def test_config_field_round_trips(quantized):
@@ -414,12 +429,17 @@ def test_the_int4_kernel_dequantizes_exactly_what_the_quantizer_and_qalft_produc
     assert int(layer.codes().min()) >= -(2 ** (bits - 1)) and int(layer.codes().max()) <= 2 ** (bits - 1) - 1
 
 
-def test_decode_rows_take_the_kernel_and_agree_with_the_dequantized_path():
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_decode_rows_take_the_kernel_and_agree_with_the_dequantized_path(amx, monkeypatch):
+    """Up to `kernel_max_rows` rows (4; 32 on a CPU with AMX tiles, where the other path multiplies in bf16)."""
+    monkeypatch.setattr(qz, "cpu_has_amx_tiles", lambda: amx)
+    assert qz.kernel_max_rows(4) == (qz.AMX_INT4_KERNEL_MAX_ROWS if amx else qz.INT4_KERNEL_MAX_ROWS)
     layer = int4_layer(64)
-    for rows, expect_kernel in ((1, True), (qz.INT4_KERNEL_MAX_ROWS, True), (qz.INT4_KERNEL_MAX_ROWS + 1, False)):
+    limit = qz.kernel_max_rows(4)
+    for rows, expect_kernel in ((1, True), (limit, True), (limit + 1, False)):
         x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
         with torch.no_grad():
-            assert layer.uses_int4_kernel(x) == expect_kernel
+            assert layer.uses_int4_kernel(x) == expect_kernel and layer.prefills_blockwise(x) == (not expect_kernel)
             got = layer(x)
             reference = F.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
         assert got.shape == (1, rows, 96) and got.dtype == torch.bfloat16
@@ -447,14 +467,15 @@ def assert_kernel_decodes_like_the_dequantized_path(folder, kernel_check: str) -
     dequantized path. Returns the quantized layers."""
     model = load_model(folder, dtype=torch.bfloat16)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=model.default_lora_target_modules, init_lora_weights=False)
-    model = get_peft_model(model, config).eval()
+    model = get_peft_model(model, model.register_lora_layers(config)).eval()
     layers = [module for module in model.modules() if type(module).__name__ == "AndesVLQuantizedLinear"]
     assert layers
     calls = []
     for layer in layers:
         original = getattr(layer, kernel_check)
         setattr(layer, kernel_check, lambda x, original=original: calls.append(original(x)) or calls[-1])
-    inputs = packed_inputs(model.config, [(4, 4)])
+    # a prompt longer than any kernel takes (on every CPU), so that the prefill is the dequantized path
+    inputs = packed_inputs(model.config, [(4, 4)], text=tuple(range(1000, 1000 + qz.AMX_INT4_KERNEL_MAX_ROWS)))
     with torch.no_grad():
         fast = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert any(calls) and not all(calls)  # decode steps on the kernel, the prefill dequantized
@@ -515,9 +536,13 @@ def test_per_row_int8_has_one_scale_per_row_and_the_kernel_dequantizes_exactly_w
     assert torch.equal(codes, layer.qweight) and torch.equal(scales, layer.scales)
 
 
-def test_int8_decode_rows_take_the_kernel_and_other_int8_settings_do_not():
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_int8_decode_rows_take_the_kernel_and_other_int8_settings_do_not(amx, monkeypatch):
+    monkeypatch.setattr(qz, "cpu_has_amx_tiles", lambda: amx)
+    assert qz.kernel_max_rows(8) == (qz.AMX_INT8_KERNEL_MAX_ROWS if amx else qz.INT8_KERNEL_MAX_ROWS)
     layer = int8_row_layer()
-    for rows, expect_kernel in ((1, True), (qz.INT8_KERNEL_MAX_ROWS, True), (qz.INT8_KERNEL_MAX_ROWS + 1, False)):
+    limit = qz.kernel_max_rows(8)
+    for rows, expect_kernel in ((1, True), (limit, True), (limit + 1, False)):
         x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
         with torch.no_grad():
             assert layer.uses_int8_kernel(x) == expect_kernel and not layer.uses_int4_kernel(x)
@@ -589,28 +614,40 @@ def test_the_int8_kernel_gets_aligned_tensors_and_widths_it_cannot_take_dequanti
 
 @pytest.mark.parametrize("block_rows", [None, 8])
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (4, 16), (3, 64)])
-def test_half_precision_prompts_multiply_the_exact_dequantized_weight_in_fp32(
-    bits, group_size, block_rows, monkeypatch
+@pytest.mark.parametrize("amx", [False, True], ids=["fp32-prompts", "bf16-prompts"])
+def test_half_precision_prompts_multiply_the_dequantized_weight_block_by_block(
+    bits, group_size, block_rows, amx, monkeypatch
 ):
-    """Inputs longer than the kernels take (prefill) compute in fp32 on CPU and come back in the input's dtype:
-    exactly `F.linear` in fp32 with `code * scale`, the weight QALFT trains with in fp32, whether the weight is
-    dequantized at once or a block of output rows at a time (`block_rows`: 12 blocks of 8 rows)."""
+    """Inputs longer than the kernels take (prefill) multiply the dequantized weight block by block on CPU and come
+    back in the input's dtype. Without AMX tiles in fp32: exactly `F.linear` in fp32 with `code * scale`, the weight
+    QALFT trains with in fp32, whether the weight is dequantized at once or a block of output rows at a time
+    (`block_rows`: 12 blocks of 8 rows). With AMX tiles, bf16 inputs in bf16 with the decode kernels' bf16 weight (a
+    bf16 matmul: oneDNN's K-blocking may differ between blocks, so compared within bf16 rounding); fp16 inputs stay
+    in fp32."""
     if block_rows:
         monkeypatch.setattr(qz, "PREFILL_BLOCK_ELEMENTS", block_rows * 256)
+    monkeypatch.setattr(qz, "cpu_has_amx_tiles", lambda: amx)
     linear = nn.Linear(256, 96)
     linear.weight.data = random_weight(96, 256, seed=3)
     layer = qz.AndesVLQuantizedLinear.from_linear(linear, bits, group_size).to(torch.bfloat16).eval()
-    rows = max(qz.INT4_KERNEL_MAX_ROWS, qz.INT8_KERNEL_MAX_ROWS) + 1
+    rows = qz.kernel_max_rows(bits) + 1
     x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
     fake = qz.fake_quantize(linear.weight.detach(), bits, group_size)  # fp32, bf16 scales (the default)
     with torch.no_grad():
-        assert layer.prefills_in_fp32(x) and not layer.uses_int4_kernel(x) and not layer.uses_int8_kernel(x)
+        assert layer.prefills_blockwise(x) and not layer.uses_int4_kernel(x) and not layer.uses_int8_kernel(x)
+        assert qz.prefill_dtype(x.dtype) == (torch.bfloat16 if amx else torch.float32)
+        assert qz.prefill_dtype(torch.float16) == torch.float32
         got = layer(x)
-        expected = F.linear(x.float(), fake, layer.bias.float()).bfloat16()
-        assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
-        assert not layer.prefills_in_fp32(x[:, :1]) and not layer.prefills_in_fp32(x.float())
+        assert got.dtype == torch.bfloat16
+        if amx:
+            expected = F.linear(x, layer.dequantized_weight(torch.bfloat16), layer.bias)
+            assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=2**-7)
+        else:
+            expected = F.linear(x.float(), fake, layer.bias.float()).bfloat16()
+            assert torch.equal(got, expected)
+        assert not layer.prefills_blockwise(x[:, :1]) and not layer.prefills_blockwise(x.float())
     x.requires_grad_(True)
-    layer(x).float().sum().backward()  # training through the base: the fp32 matmul is differentiable
+    layer(x).float().sum().backward()  # training through the base: the blockwise matmul is differentiable
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
 
 
@@ -681,3 +718,16 @@ def test_scenario_adapters_on_a_quantized_base_are_checked_against_its_scheme(lm
         base.load_scenario_adapter("qalft")
     assert "'group_size': 16" in caplog.text and "'group_size': 64" in caplog.text
     assert base.active_adapters() == ["qalft"]
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (3, 64)])
+def test_quantizing_block_by_block_gives_the_codes_and_scales_of_one_pass(bits, group_size, monkeypatch):
+    """Large weights (the 4B LM head) are quantized a block of rows at a time, with the same result."""
+    weight = random_weight(96, 256, seed=5)
+    whole = qz.quantize_weight(weight, bits, group_size)
+    monkeypatch.setattr(qz, "QUANTIZE_BLOCK_ELEMENTS", 256 * 7)  # 14 blocks, the last one short
+    blocks = qz.quantize_weight(weight, bits, group_size)
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+    weight[3, 4], weight[90, 1] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 non-finite values out of 24576"):
+        qz.quantize_weight(weight, bits, group_size)

@@ -1,10 +1,10 @@
 """The remote-code files at the root import one way, and transformers copies every file a module needs.
 
 Arrows: configuration <- modeling; image processing <- processing; the conveniences (`chat_andesvl.py`: the
-official chat API, `adapters_andesvl.py`: the 1+N helpers) import the processor but never the model; the model
-composes them as mixins. transformers 4.57 copies only the relative imports a module names itself when it loads a
-local folder (it follows them recursively from the Hub cache), so both loads run in a fresh module cache here, with
-only the model loaded through remote code.
+official chat API, `adapters_andesvl.py`: the 1+N helpers) import the processor or the quantized layer but never the
+model; the model composes them as mixins. transformers 4.57 copies only the relative imports a module names itself
+when it loads a local folder (it follows them recursively from the Hub cache), so both loads run in a fresh module
+cache here, with only the model loaded through remote code.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ALLOWED = {
     "image_processing_andesvl.py": set(),
     "quantization_andesvl.py": set(),
     "processing_andesvl.py": {"image_processing_andesvl"},
-    "adapters_andesvl.py": set(),
+    "adapters_andesvl.py": {"quantization_andesvl"},  # the quantized layer type that its LoRA layer wraps
     "chat_andesvl.py": {"processing_andesvl", "image_processing_andesvl"},
     "modeling_andesvl.py": {"configuration_andesvl", "quantization_andesvl", "adapters_andesvl", "chat_andesvl"},
 }
