@@ -73,7 +73,8 @@ DEFAULT_SCALE_DTYPE = "bfloat16"
 # CPU with AMX tiles and in fp32 elsewhere (`prefill_dtype`). Measured with torch 2.13, 230 rows, 2 threads: on a Xeon
 # with AMX a bf16 matmul is 3-5x faster than fp32 (oneDNN's AMX brgemm), and the bf16 path 1.4-3x faster than the fp32
 # one (0.33-0.73x the float base's fp32 matmul); without AMX (AMD AVX2) bf16 is 4.5-5x slower than fp32.
-# Weights quantized at once (fp32 temporaries of 64 MB each): the 4B LM head (389M weights) at once took several GB.
+# Weights quantized (and int2 / int3 codes packed) at once: fp32 temporaries of 64 MB each; the 4B LM head (389M
+# weights) in one pass took several GB (int3 packing: 14 GB).
 QUANTIZE_BLOCK_ELEMENTS = 2**24
 PREFILL_BLOCK_ELEMENTS = 2**21  # weights dequantized per block of output rows in that path (8 MB in fp32; measured best
 # of 2**20-2**22 on 1024- to 9728-wide layers)
@@ -260,9 +261,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     check_packable(codes.shape[-1], bits)
     if bits == 4:
         return pack_int4(codes)
-    fields = codes.to(torch.int16) & (2**bits - 1)  # [out, in]
-    stream = (fields[..., None] >> torch.arange(bits, dtype=torch.int16)) & 1  # [out, in, bits], one bit each
-    octets = stream.reshape(*codes.shape[:-1], -1, 8)  # [out, in*bits/8, 8]
+    # a block of rows at a time: the bit-level temporaries are ~20 bytes per code (the 4B LM head at once: 14 GB)
+    step = max(1, QUANTIZE_BLOCK_ELEMENTS // codes.shape[-1])
+    blocks = [pack_rows(codes[start : start + step], bits) for start in range(0, codes.shape[0], step)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_codes` of a block of rows [rows, in] -> uint8 [rows, in*bits/8]."""
+    fields = codes.to(torch.int16) & (2**bits - 1)  # [rows, in]
+    stream = (fields[..., None] >> torch.arange(bits, dtype=torch.int16)) & 1  # [rows, in, bits], one bit each
+    octets = stream.reshape(*codes.shape[:-1], -1, 8)  # [rows, in*bits/8, 8]
     return (octets << torch.arange(8, dtype=torch.int16)).sum(-1).to(torch.uint8)
 
 

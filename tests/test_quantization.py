@@ -720,14 +720,17 @@ def test_scenario_adapters_on_a_quantized_base_are_checked_against_its_scheme(lm
     assert base.active_adapters() == ["qalft"]
 
 
-@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (3, 64)])
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (3, 64), (2, 128)])
 def test_quantizing_block_by_block_gives_the_codes_and_scales_of_one_pass(bits, group_size, monkeypatch):
     """Large weights (the 4B LM head) are quantized a block of rows at a time, with the same result."""
     weight = random_weight(96, 256, seed=5)
     whole = qz.quantize_weight(weight, bits, group_size)
+    packed = qz.pack_codes(whole[0], bits) if bits in qz.PACKED_BITS else None
     monkeypatch.setattr(qz, "QUANTIZE_BLOCK_ELEMENTS", 256 * 7)  # 14 blocks, the last one short
     blocks = qz.quantize_weight(weight, bits, group_size)
     assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+    if packed is not None:  # int2 / int3 codes are packed a block of rows at a time too
+        assert torch.equal(qz.pack_codes(whole[0], bits), packed)
     weight[3, 4], weight[90, 1] = float("nan"), float("inf")
     with pytest.raises(ValueError, match="2 non-finite values out of 24576"):
         qz.quantize_weight(weight, bits, group_size)
