@@ -23,7 +23,8 @@ Decoding on CPU in bf16 (bf16 scales, the default, and bf16 activations) reads t
 kernels: int4 with a group of 32-256 (`_weight_int4pack_mm_for_cpu`; int2 / int3 codes too, widened to its 4-bit
 layout once, so they are smaller on disk but as fast and as large as int4 in memory), int8 with one scale per row
 (`_weight_int8pack_mm`). Longer half-precision inputs on CPU (prompts, training batches) multiply the dequantized
-weight a block of output rows at a time, in bf16 on CPUs with AMX tiles and in fp32 elsewhere (`prefill_dtype`);
+weight a block of output rows at a time, in bf16 on CPUs with native bf16 matmuls (AMX tiles or AVX-512 BF16) and in
+fp32 elsewhere (`prefill_dtype`);
 other settings dequantize the weight per forward in the compute dtype.
 """
 
@@ -61,7 +62,7 @@ PER_ROW = -1
 INT8_KERNEL_IN_MULTIPLE = 16
 KERNEL_ALIGNMENT = 64
 INT8_KERNEL_MAX_ROWS = 4  # measured (1024x3072, 2 threads, Xeon AMX): 1.4-2.6x bf16 F.linear up to 4 rows, 0.7x at 6
-# Where prompts multiply in bf16 (a CPU with AMX tiles, `prefill_dtype`), the comparison is against that block-by-block
+# Where prompts multiply in bf16 on AMX tiles (`prefill_dtype`), the comparison is against that block-by-block
 # path, which dequantizes every weight per forward; measured (1024x3072 and 2560x9728, 2 threads, Xeon AMX), the kernel
 # takes of its time: int4 0.50-0.53 at 32 rows, 0.67-0.80 at 48, 0.87-1.09 at 64; int8 0.62-0.68 at 16, 0.88-0.96 at
 # 24. Batched decode steps (a batch of up to that many sequences) stay on the kernels there.
@@ -70,9 +71,10 @@ AMX_INT8_KERNEL_MAX_ROWS = 16
 # bf16 scales: what both CPU kernels take (with bf16 activations), so a quantized base decodes on them by default.
 DEFAULT_SCALE_DTYPE = "bfloat16"
 # Inputs with more rows than the kernels take (prefill) multiply the dequantized weight block by block, in bf16 on a
-# CPU with AMX tiles and in fp32 elsewhere (`prefill_dtype`). Measured with torch 2.13, 230 rows, 2 threads: on a Xeon
-# with AMX a bf16 matmul is 3-5x faster than fp32 (oneDNN's AMX brgemm), and the bf16 path 1.4-3x faster than the fp32
-# one (0.33-0.73x the float base's fp32 matmul); without AMX (AMD AVX2) bf16 is 4.5-5x slower than fp32.
+# CPU with native bf16 matmuls (AMX tiles or AVX-512 BF16) and in fp32 elsewhere (`prefill_dtype`). Measured with torch
+# 2.13, 230 rows, 2 threads: on a Xeon with AMX a bf16 matmul is 3-5x faster than fp32 (oneDNN's AMX brgemm), and the
+# bf16 path 1.4-3x faster than the fp32 one (0.33-0.73x the float base's fp32 matmul); on an AMD EPYC with AVX-512 BF16
+# (no AMX) a bf16 matmul takes 0.25-0.35x fp32's time; with AVX2 only (AMD) bf16 is 4.5-5x slower than fp32.
 # Weights quantized (and int2 / int3 codes packed) at once: fp32 temporaries of 64 MB each; the 4B LM head (389M
 # weights) in one pass took several GB (int3 packing: 14 GB).
 QUANTIZE_BLOCK_ELEMENTS = 2**24
@@ -93,11 +95,19 @@ def cpu_has_amx_tiles() -> bool:
     return bool(supported and init and supported() and init())
 
 
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles, or AVX-512 BF16's dot products), so that a bf16
+    matmul beats fp32 (oneDNN; without either, torch's bf16 CPU matmul converts and is several times slower)."""
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return cpu_has_amx_tiles() or bool(avx512_bf16 and avx512_bf16())
+
+
 def prefill_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """The dtype a half-precision prompt multiplies the dequantized weight in on CPU: bf16 for bf16 inputs on a CPU
-    with AMX tiles (the weight is then exactly the decode kernels' bf16 one), else fp32 (the weight is exactly
-    `code * scale`, the values QALFT trains with in fp32)."""
-    return torch.bfloat16 if input_dtype == torch.bfloat16 and cpu_has_amx_tiles() else torch.float32
+    with native bf16 matmuls (the weight is then exactly the decode kernels' bf16 one), else fp32 (the weight is
+    exactly `code * scale`, the values QALFT trains with in fp32)."""
+    return torch.bfloat16 if input_dtype == torch.bfloat16 and cpu_has_bf16_matmul() else torch.float32
 
 
 def kernel_max_rows(bits: int) -> int:

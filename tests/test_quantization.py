@@ -614,19 +614,20 @@ def test_the_int8_kernel_gets_aligned_tensors_and_widths_it_cannot_take_dequanti
 
 @pytest.mark.parametrize("block_rows", [None, 8])
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, qz.PER_ROW), (4, 16), (3, 64)])
-@pytest.mark.parametrize("amx", [False, True], ids=["fp32-prompts", "bf16-prompts"])
+@pytest.mark.parametrize("bf16_matmul", [False, True], ids=["fp32-prompts", "bf16-prompts"])
 def test_half_precision_prompts_multiply_the_dequantized_weight_block_by_block(
-    bits, group_size, block_rows, amx, monkeypatch
+    bits, group_size, block_rows, bf16_matmul, monkeypatch
 ):
     """Inputs longer than the kernels take (prefill) multiply the dequantized weight block by block on CPU and come
-    back in the input's dtype. Without AMX tiles in fp32: exactly `F.linear` in fp32 with `code * scale`, the weight
-    QALFT trains with in fp32, whether the weight is dequantized at once or a block of output rows at a time
-    (`block_rows`: 12 blocks of 8 rows). With AMX tiles, bf16 inputs in bf16 with the decode kernels' bf16 weight (a
-    bf16 matmul: oneDNN's K-blocking may differ between blocks, so compared within bf16 rounding); fp16 inputs stay
-    in fp32."""
+    back in the input's dtype. Without native bf16 matmuls in fp32: exactly `F.linear` in fp32 with `code * scale`,
+    the weight QALFT trains with in fp32, on each block of output rows (`block_rows`: 12 blocks of 8 rows; None: one
+    block), and within fp32 rounding of one unblocked matmul (the CPU's GEMM may sum a block of 8 rows in another
+    order than 96: it does on an AMD EPYC with AVX-512). With them (AMX tiles or AVX-512 BF16), bf16 inputs in bf16
+    with the decode kernels' bf16 weight (a bf16 matmul: oneDNN's K-blocking may differ between blocks, so compared
+    within bf16 rounding); fp16 inputs stay in fp32."""
     if block_rows:
         monkeypatch.setattr(qz, "PREFILL_BLOCK_ELEMENTS", block_rows * 256)
-    monkeypatch.setattr(qz, "cpu_has_amx_tiles", lambda: amx)
+    monkeypatch.setattr(qz, "cpu_has_bf16_matmul", lambda: bf16_matmul)
     linear = nn.Linear(256, 96)
     linear.weight.data = random_weight(96, 256, seed=3)
     layer = qz.AndesVLQuantizedLinear.from_linear(linear, bits, group_size).to(torch.bfloat16).eval()
@@ -635,16 +636,20 @@ def test_half_precision_prompts_multiply_the_dequantized_weight_block_by_block(
     fake = qz.fake_quantize(linear.weight.detach(), bits, group_size)  # fp32, bf16 scales (the default)
     with torch.no_grad():
         assert layer.prefills_blockwise(x) and not layer.uses_int4_kernel(x) and not layer.uses_int8_kernel(x)
-        assert qz.prefill_dtype(x.dtype) == (torch.bfloat16 if amx else torch.float32)
+        assert qz.prefill_dtype(x.dtype) == (torch.bfloat16 if bf16_matmul else torch.float32)
         assert qz.prefill_dtype(torch.float16) == torch.float32
         got = layer(x)
         assert got.dtype == torch.bfloat16
-        if amx:
+        if bf16_matmul:
             expected = F.linear(x, layer.dequantized_weight(torch.bfloat16), layer.bias)
             assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=2**-7)
         else:
-            expected = F.linear(x.float(), fake, layer.bias.float()).bfloat16()
-            assert torch.equal(got, expected)
+            step = qz.PREFILL_BLOCK_ELEMENTS // 256  # output rows per block
+            blocks = [F.linear(x.float(), fake[start : start + step]) for start in range(0, 96, step)]
+            expected = torch.cat(blocks, dim=-1) + layer.bias.float()
+            assert torch.equal(got, expected.bfloat16())
+            unblocked = F.linear(x.float(), fake, layer.bias.float())
+            torch.testing.assert_close(got.float(), unblocked, rtol=2**-8, atol=1e-4)
         assert not layer.prefills_blockwise(x[:, :1]) and not layer.prefills_blockwise(x.float())
     x.requires_grad_(True)
     layer(x).float().sum().backward()  # training through the base: the blockwise matmul is differentiable
