@@ -118,7 +118,7 @@ NOTES = {
     "marginal_seconds_per_extra_image = two-image minus one-image median (it includes the language model's cost of the "
     "extra per-image prompt tokens). vision_share = get_image_features time "
     "(one image) / one-image prefill. peak_rss_mb is the process high-water mark over the section, reset at its "
-    "start via /proc/self/clear_refs when the kernel allows (else the process-lifetime ru_maxrss), so it includes "
+    "start via /proc/self/clear_refs when the kernel allows (else the process-lifetime VmHWM), so it includes "
     "model construction; peak_rss_mb_inference is reset after construction (resident weights + activations).",
     "adapters": "Two non-trivial LoRA adapters (init_lora_weights=False, rank --lora-rank, default targets) on the "
     "same 0.6B-shaped model. switch: set_adapter() alternating between the two resident adapters (per switch) vs "
@@ -143,7 +143,12 @@ NOTES = {
     "Qwen3ForCausalLM folder) converted by llama.cpp's convert_hf_to_gguf.py to F32 / BF16 and quantized by "
     "llama-quantize to Q8_0 / Q4_0 / Q3_K_S, timed by llama-bench with the same thread count in the same interleaved "
     "rounds (decode: -n decode_tokens -d prompt_tokens; prefill: -p prompt_tokens); their bytes per token = the GGUF "
-    "file size. ratio_X_over_llama_cpp_Y_* are paired medians (tokens/s: ours / theirs; prefill_s: ours / theirs).",
+    "file size. ratio_X_over_llama_cpp_Y_* are paired medians (tokens/s: ours / theirs; prefill_s: ours / theirs). "
+    "memory (--variant-rss, on by default): after the timed rounds each variant is saved as a loadable folder and a "
+    "fresh Python process loads it with AutoModelForImageTextToText (trust_remote_code, dtype='auto') and runs one "
+    "greedy generate of the same prompt and new tokens; peak_rss_mb is that process's VmHWM (imports, loading, "
+    "the kernel layouts built on the first decode step, activations), peak_rss_over_imports_mb subtracts its RSS once "
+    "torch and transformers are imported (the same for every variant).",
 }
 
 
@@ -187,8 +192,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "llama-bench with the same threads) from this built llama.cpp tree (scripts/build_llama_cpp.sh)",
     )
     parser.add_argument(
+        "--variant-rss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="`quant`: peak RSS of each variant, in a fresh process that loads its saved folder and decodes.",
+    )
+    parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}."
     )
+    parser.add_argument("--rss-child", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.decode_tokens is None:
         args.decode_tokens = 8 if args.quick else 32
@@ -349,6 +361,12 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float:
+    """This process's RSS high-water mark (VmHWM), MB. Not ru_maxrss: Linux carries the spawning process's high-water
+    mark over exec into it, so a child started by a large parent would report the parent's peak."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -743,6 +761,37 @@ def quantized_variants(model: torch.nn.Module, names: list[str]) -> dict[str, to
     return variants
 
 
+def rss_child(args: argparse.Namespace) -> None:
+    """In a fresh process: load the saved variant `args.rss_child` the way a user does (Auto class, remote code,
+    `dtype="auto"`), run one greedy generate of the quant section's prompt, print its memory as one JSON line."""
+    from transformers import AutoModelForImageTextToText
+
+    baseline = current_rss_mb()  # torch + transformers imported: the same for every variant
+    model = AutoModelForImageTextToText.from_pretrained(args.rss_child, trust_remote_code=True, dtype="auto").eval()
+    loaded = current_rss_mb()
+    ids = text_prompt_ids(args.prompt_tokens, args.seed)
+    with torch.inference_mode():
+        generate_timing(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), args.decode_tokens)
+    peak = peak_rss_mb()
+    memory = {"rss_after_imports_mb": baseline, "rss_after_load_mb": loaded, "peak_rss_mb": peak}
+    print(json.dumps(memory | {"peak_rss_over_imports_mb": peak - baseline, "dtype": str(model.dtype)}))
+
+
+def variant_peak_rss(model: torch.nn.Module, args: argparse.Namespace, tokens: int, workdir: Path) -> dict[str, Any]:
+    """Save `model` as a loadable folder, measure it with `rss_child` in a fresh process, remove the folder."""
+    folder = workdir / "variant"
+    save_loadable(model, folder)
+    command = [sys.executable, "-m", "andesvl_tools.benchmark", "--threads", str(args.threads)]
+    command += ["--seed", str(args.seed), "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(tokens)]
+    try:
+        result = subprocess.run([*command, "--rss-child", str(folder)], capture_output=True, text=True, cwd=REPO_ROOT)
+    finally:
+        shutil.rmtree(folder)
+    if result.returncode:
+        raise RuntimeError(f"peak-RSS child for {folder} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # llama.cpp on the same Qwen3 weights (--llama-cpp DIR: a built llama.cpp tree, see scripts/build_llama_cpp.sh)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -845,6 +894,10 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_matmul_dtype": str(prefill_dtype(torch.bfloat16)).removeprefix("torch."),
         "variants": {name: QUANT_VARIANTS[name][0] for name in variants},
     }
+    memory = {}
+    if args.variant_rss:  # after the timed rounds, one variant at a time, each in a process of its own
+        with tempfile.TemporaryDirectory(prefix="andesvl-variant-rss-") as workdir:
+            memory = {name: variant_peak_rss(model, args, tokens, Path(workdir)) for name, model in variants.items()}
     for name in contenders:
         per_token = statistics.median(samples[name])
         prompt_s = prefill[name][1:]  # the timed rounds (the first call is the warm-up)
@@ -866,6 +919,8 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
             "fraction_of_roofline": (1 / per_token) / roofline,
             "prefill_s": summary(prompt_s),
         }
+        if name in memory:
+            result[name]["memory"] = memory[name]
     for name in variants:
         for base in ("fp32", "bf16"):
             if base in variants and name != base:
@@ -875,6 +930,9 @@ def time_quant(args: argparse.Namespace) -> dict[str, Any]:
                 if base == "fp32":
                     ratio = result[name]["model_weight_mb"] / result["fp32"]["model_weight_mb"]
                     result[f"ratio_{name}_over_fp32_weight_memory"] = ratio
+                if memory:
+                    ratio = memory[name]["peak_rss_mb"] / memory[base]["peak_rss_mb"]
+                    result[f"ratio_{name}_over_{base}_peak_rss"] = ratio
         peer = LLAMA_CPP_PEERS.get(name)
         if peer in gguf:
             result[f"ratio_{name}_over_llama_cpp_{peer}_tokens_per_s"] = paired_ratio(samples[peer], samples[name])
@@ -947,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.rss_child:
+        rss_child(args)
+        return 0
     resolved = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     print("benchmark args:", json.dumps(resolved), flush=True)
     start = time.perf_counter()

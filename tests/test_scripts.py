@@ -103,7 +103,7 @@ def test_benchmark_quick_smoke(tmp_path):
     from andesvl_tools import benchmark
 
     output = tmp_path / "bench.json"
-    benchmark.main(["--quick", "--repeats", "1", "--decode-tokens", "4", "--output", str(output)])
+    benchmark.main(["--quick", "--repeats", "1", "--decode-tokens", "4", "--no-variant-rss", "--output", str(output)])
     report = json.loads(output.read_text())
     assert report["decode"]["ratio_andesvl_over_qwen3"] > 0
     assert all(report["vision"][res]["ratio_ours_over_siglip2"] > 0 for res in report["vision"] if "x" in res)
@@ -124,6 +124,24 @@ def test_benchmark_quick_smoke(tmp_path):
     assert int3["model_weight_mb"] < head["model_weight_mb"] and int3["resident_weight_mb"] > int3["model_weight_mb"]
     assert int3["decode_weight_mb_per_token"] > head["decode_weight_mb_per_token"] * 0.9
     assert report["environment"]["cpu"]["model"]
+
+
+def test_benchmark_measures_each_quantized_variant_in_a_fresh_process(tmp_path):
+    """The quant section's peak RSS per variant comes from a process of its own that loads the variant's saved folder
+    and decodes: above that process's RSS after its imports, below the parent's peak (which holds every variant; a
+    child reading ru_maxrss would inherit the parent's high-water mark over exec)."""
+    from andesvl_tools import benchmark
+
+    output = tmp_path / "bench.json"
+    arguments = ["--quick", "--sections", "quant", "--quant-variants", "fp32,int4_kernel_head", "--repeats", "1"]
+    benchmark.main([*arguments, "--decode-tokens", "4", "--output", str(output)])
+    quant = json.loads(output.read_text())["quant"]
+    for name in ("fp32", "int4_kernel_head"):
+        memory = quant[name]["memory"]
+        assert memory["rss_after_imports_mb"] < memory["rss_after_load_mb"] < memory["peak_rss_mb"]
+        assert memory["peak_rss_mb"] < quant["peak_rss_mb"]
+    assert quant["int4_kernel_head"]["memory"]["dtype"] == "torch.bfloat16"  # saved and loaded as the kernels' dtype
+    assert quant["ratio_int4_kernel_head_over_fp32_peak_rss"] > 0
 
 
 def test_benchmark_names_what_a_llama_cpp_tree_lacks(tmp_path):
