@@ -78,6 +78,10 @@ DEFAULT_SCALE_DTYPE = "bfloat16"
 # Weights quantized (and int2 / int3 codes packed) at once: fp32 temporaries of 64 MB each; the 4B LM head (389M
 # weights) in one pass took several GB (int3 packing: 14 GB).
 QUANTIZE_BLOCK_ELEMENTS = 2**24
+# torch's int4 CPU layout packs tiles of 64 output rows on their own, so the kernel layout is built a block of whole
+# tiles at a time (tested equal to one call): int32 codes of the 0.6B LM head at once took 0.6 GB, twice, plus 0.16 GB
+# of int8 codes, at the first decode step.
+INT4_PACK_TILE_ROWS = 64
 PREFILL_BLOCK_ELEMENTS = 2**21  # weights dequantized per block of output rows in that path (8 MB in fp32; measured best
 # of 2**20-2**22 on 1024- to 9728-wide layers)
 SPEC_KEYS = ("bits", "group_size", "modules", "scale_dtype", "lm_head")
@@ -406,9 +410,10 @@ class AndesVLQuantizedLinear(nn.Module):
             self._buffers["scales"] = scales.to(self._buffers["scales"].device)
         return self
 
-    def codes(self) -> torch.Tensor:
-        """int8 codes [out, in]."""
-        return unpack_codes(self.qweight, self.bits) if self.bits in PACKED_BITS else self.qweight
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """int8 codes [out, in] (of the output rows `rows`: each row is packed on its own)."""
+        qweight = self.qweight[rows]
+        return unpack_codes(qweight, self.bits) if self.bits in PACKED_BITS else qweight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales, self.group_size, dtype)  # [out, in]
@@ -459,8 +464,7 @@ class AndesVLQuantizedLinear(nn.Module):
         step = max(1, PREFILL_BLOCK_ELEMENTS // self.in_features)
         blocks = []
         for start in range(0, self.out_features, step):
-            codes = self.qweight[start : start + step]
-            codes = unpack_codes(codes, self.bits) if self.bits in PACKED_BITS else codes  # [rows, in]
+            codes = self.codes(slice(start, start + step))  # [rows, in]
             weight = dequantize_weight(codes, self.scales[start : start + step], self.group_size, dtype)
             blocks.append(F.linear(rows, weight))  # [M, rows]
         output = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)  # [M, out]
@@ -522,8 +526,13 @@ class AndesVLQuantizedLinear(nn.Module):
         c become q = c + 8 (the kernel dequantizes (q - 8) * scale + zero), zero points 0; [in/g, out, 2] scales."""
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            codes = self.codes().to(torch.int32) + 8  # [out, in] in [0, 15]
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            tiles = max(1, QUANTIZE_BLOCK_ELEMENTS // self.in_features // INT4_PACK_TILE_ROWS)
+            step = tiles * INT4_PACK_TILE_ROWS  # output rows per block
+            blocks = [
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes(rows).to(torch.int32) + 8, 1)
+                for rows in (slice(start, start + step) for start in range(0, self.out_features, step))
+            ]  # each [rows, in / 2]: codes c as q = c + 8 in [0, 15]
+            packed = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # [out, in / 2]
             scales = self.scales.t()  # [in/g, out]
             scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()  # [in/g, out, 2]
             return packed, scales_and_zeros

@@ -412,11 +412,17 @@ def int4_layer(group_size: int, seed: int = 0, bias: bool = True, bits: int = 4)
     return layer.to(torch.bfloat16).eval()  # a bf16 compute dtype (the bias); the scales keep their dtype
 
 
+@pytest.mark.parametrize("block_rows", [None, 64], ids=["one-block", "64-row-blocks"])
 @pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (4, 128), (3, 64), (3, 128), (2, 128)])
-def test_the_int4_kernel_dequantizes_exactly_what_the_quantizer_and_qalft_produce(bits, group_size):
+def test_the_int4_kernel_dequantizes_exactly_what_the_quantizer_and_qalft_produce(
+    bits, group_size, block_rows, monkeypatch
+):
     """The kernel applied to the identity returns its dequantized weight: bit for bit the layer's own
     `dequantized_weight(bf16)` and QALFT's `fake_quantize` of the float weight in bf16 (int2 / int3 codes run on
-    the int4 kernel too)."""
+    the int4 kernel too), whether its layout is packed at once or in blocks of 64-row tiles (`block_rows`: the 96
+    rows as 64 + 32, as the LM head's 151,936 rows are packed)."""
+    if block_rows:
+        monkeypatch.setattr(qz, "QUANTIZE_BLOCK_ELEMENTS", block_rows * 256)
     layer = int4_layer(group_size, bias=False, bits=bits)
     identity = torch.eye(layer.in_features, dtype=torch.bfloat16)
     with torch.no_grad():
