@@ -10,17 +10,26 @@ variant and runs one prompt; file sizes from the manifests.
 accuracy: AndesVL-Tiny's evaluation (the same generated examples and scorers as `andesvl_tools.evaluate`): the base
 on vqa and multi, the ocr and gui adapters on their tasks, for the eager float model, `--int4-model` (an eager int4
 base from `andesvl_tools.quantize`) and every exported folder.
+merged_lora: for every adapter of every exported folder, its program as exported (LoRA unmerged, base weights read
+from `base.ptd`) against the same adapter merged into a copy of `--model` (peft's merge) and exported as a standalone
+`text_decoder` program with every weight inside (no `base.ptd`): file sizes, prefill and decode tokens/s in
+interleaved rounds (as speed, the base program's decoder timed alongside for reference), ratios merged / unmerged, and
+the largest logit difference between the two.
+
+    python -m andesvl_tools.executorch_benchmark --model AndesVL-Tiny --programs out/et --sections merged_lora \
+        --output outputs/executorch_merged_lora.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +39,14 @@ import torch
 from .benchmark import cpu_info
 
 TASK_ADAPTERS = {"vqa": None, "multi": None, "ocr": "ocr", "gui": "gui"}
+SECTIONS = ("speed", "accuracy", "merged_lora")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="the float AndesVL folder that was exported")
     parser.add_argument("--programs", type=Path, action="append", required=True, help="an export folder (repeat)")
-    parser.add_argument("--sections", default="speed", help="comma-separated: speed, accuracy")
+    parser.add_argument("--sections", default="speed", help=f"comma-separated: {', '.join(SECTIONS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch and XNNPACK threads")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -100,6 +110,35 @@ def exported_round(decoder, embeds: torch.Tensor, new_tokens: int) -> tuple[floa
     return prefilled - started, time.perf_counter() - prefilled
 
 
+def variant_name(manifest: dict[str, Any]) -> str:
+    """executorch_fp32, executorch_8da4w or executorch_dequantized (a quantized folder's export), from the manifest."""
+    return f"executorch_{(manifest['quantization'] or {}).get('linear', 'fp32').split(' ')[0]}"
+
+
+def check_lengths(args: argparse.Namespace, folder: Path, manifest: dict[str, Any]) -> None:
+    if args.prompt_tokens + args.new_tokens >= manifest["max_context"]:
+        raise ValueError(f"{folder}: --prompt-tokens + --new-tokens must stay below {manifest['max_context']}.")
+
+
+def interleaved_speeds(rounds: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """{name: prefill and decode tokens/s}: every `rounds[name]()` (-> prefill seconds, decode seconds) once per
+    round, in turn, `args.rounds` + 1 rounds; the first warms up and is dropped, the rest give medians."""
+    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in rounds}
+    for _ in range(args.rounds + 1):
+        for name, run_round in rounds.items():
+            prefill, decode = run_round()
+            times[name]["prefill"].append(prefill)
+            times[name]["decode"].append(decode)
+    rows = {}
+    for name, measured in times.items():
+        prefill, decode = statistics.median(measured["prefill"][1:]), statistics.median(measured["decode"][1:])
+        rows[name] = {
+            "prefill_tokens_per_s": round(args.prompt_tokens / prefill, 1),
+            "decode_tokens_per_s": round(args.new_tokens / decode, 1),
+        }
+    return rows
+
+
 def vision_inputs(model, bucket: str) -> tuple[torch.Tensor, torch.Tensor]:
     width, height = (int(v) for v in bucket.split("x"))
     patch = model.config.vision_config.patch_size
@@ -117,10 +156,9 @@ def speed_section(args: argparse.Namespace) -> dict[str, Any]:
     manifests, folders = {}, {}
     for folder in args.programs:
         manifest, program = load_base(folder)
-        name = f"executorch_{(manifest['quantization'] or {}).get('linear', 'fp32').split(' ')[0]}"
+        name = variant_name(manifest)
         variants[name], manifests[name], folders[name] = program, manifest, folder
-        if args.prompt_tokens + args.new_tokens >= manifest["max_context"]:
-            raise ValueError(f"{folder}: --prompt-tokens + --new-tokens must stay below {manifest['max_context']}.")
+        check_lengths(args, folder, manifest)
     decoders = {name: program.load_method("text_decoder") for name, program in variants.items() if program}
     for name, manifest in list(manifests.items()):  # each adapter's program (LoRA unmerged) over the same base.ptd
         folder = folders[name]
@@ -128,22 +166,13 @@ def speed_section(args: argparse.Namespace) -> dict[str, Any]:
             program = load_program(folder, manifest, path)
             variants[f"{name}+{adapter}"] = program
             decoders[f"{name}+{adapter}"] = program.load_method("text_decoder")
-    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in variants}
-    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        for name in variants:
-            if name == "eager_fp32":
-                prefill, decode = eager_round(model, embeds, args.new_tokens)
-            else:
-                prefill, decode = exported_round(decoders[name], embeds, args.new_tokens)
-            times[name]["prefill"].append(prefill)
-            times[name]["decode"].append(decode)
-    rows = {}
-    for name, measured in times.items():
-        prefill, decode = statistics.median(measured["prefill"][1:]), statistics.median(measured["decode"][1:])
-        rows[name] = {
-            "prefill_tokens_per_s": round(args.prompt_tokens / prefill, 1),
-            "decode_tokens_per_s": round(args.new_tokens / decode, 1),
-        }
+    rounds = {
+        name: (lambda: eager_round(model, embeds, args.new_tokens))
+        if name == "eager_fp32"
+        else (lambda decoder=decoders[name]: exported_round(decoder, embeds, args.new_tokens))
+        for name in variants
+    }
+    rows = interleaved_speeds(rounds, args)
     eager = rows["eager_fp32"]
     for row in rows.values():
         row["prefill_vs_eager"] = round(row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"], 2)
@@ -172,6 +201,91 @@ def speed_section(args: argparse.Namespace) -> dict[str, Any]:
     return {"decoder": rows, "vision_ms_per_image": vision, "sizes_bytes": sizes, "memory_mib": rss}
 
 
+def merged_lora_section(args: argparse.Namespace) -> dict[str, Any]:
+    """{variant+adapter: sizes, speeds and ratios of the merged standalone program vs the unmerged adapter program}."""
+    model = load_eager(args.model)
+    embeds = prompt_embeddings(model, args.prompt_tokens)
+    del model
+    rows, skipped = {}, {}
+    for folder in args.programs:
+        manifest, program = load_base(folder)
+        refusal = merge_refusal(manifest)
+        if refusal:  # the speed section may time it; this one cannot compare it
+            skipped[str(folder)] = refusal
+            continue
+        check_lengths(args, folder, manifest)
+        base_decoder = program.load_method("text_decoder")
+        with tempfile.TemporaryDirectory(prefix="merged-lora-") as scratch:
+            for adapter, relative in manifest["adapters"].items():
+                merged_path = Path(scratch) / f"{adapter}-merged.pte"
+                rows[f"{variant_name(manifest)}+{adapter}"] = compare_merged(
+                    args, (folder, manifest, base_decoder), adapter, relative, merged_path, embeds
+                )
+    if not rows:
+        raise ValueError(
+            f"merged_lora: no adapter program of an fp32 export of --model in {[str(p) for p in args.programs]}"
+            + (f"; skipped: {skipped}" if skipped else ".")
+        )
+    return rows | ({"skipped_exports": skipped} if skipped else {})
+
+
+def merge_refusal(manifest: dict[str, Any]) -> str | None:
+    """Why an export cannot be compared merged against unmerged, or None. Only exports of the float `--model` compare:
+    the adapters are merged into its float weights, so an 8da4w export (requantized) or a quantized folder's export
+    (another base) would measure another model."""
+    linear = (manifest["quantization"] or {}).get("linear")
+    return f"a {linear} export: merged and unmerged compare on an fp32 export of --model" if linear else None
+
+
+def compare_merged(args, export, adapter: str, relative: str, merged_path: Path, embeds):
+    """One adapter of `export` (folder, manifest, base decoder): export it merged into `merged_path`, then time both
+    programs (and the base decoder, for reference) in interleaved rounds."""
+    from executorch.runtime import Runtime
+
+    from .executorch_runner import load_program
+    from .export_executorch import write_merged_decoder
+
+    folder, manifest, base_decoder = export
+    started = time.perf_counter()
+    merged_bytes = write_merged_decoder(args.model, adapter, manifest["max_context"], merged_path)
+    export_seconds = time.perf_counter() - started
+    decoders = {
+        "unmerged": load_program(folder, manifest, relative).load_method("text_decoder"),
+        "merged": Runtime.get().load_program(merged_path).load_method("text_decoder"),
+    }
+    prompt = torch.arange(embeds.shape[1])
+    logits = {name: decoder.execute([embeds, prompt])[0] for name, decoder in decoders.items()}
+    timed = decoders | {"base": base_decoder}
+    speeds = interleaved_speeds(
+        {name: (lambda d=decoder: exported_round(d, embeds, args.new_tokens)) for name, decoder in timed.items()},
+        args,
+    )
+    unmerged, merged = speeds["unmerged"], speeds["merged"]
+    sizes = manifest["sizes_bytes"]
+    return {
+        "base_without_adapter": speeds["base"],
+        "unmerged": {
+            **unmerged,
+            "program_bytes": sizes[relative],
+            "shared_base_ptd_bytes": sizes[manifest["data"]],
+            "layout": "adapter program (LoRA factors + graph) reading the base weights from base.ptd",
+        },
+        "merged": {
+            **merged,
+            "program_bytes": merged_bytes,
+            "layout": "standalone text_decoder program, adapter merged into every weight, no base.ptd",
+            "export_seconds": round(export_seconds, 1),
+        },
+        "merged_vs_unmerged": {
+            "program_bytes": round(merged_bytes / sizes[relative], 1),
+            "prefill_tokens_per_s": round(merged["prefill_tokens_per_s"] / unmerged["prefill_tokens_per_s"], 2),
+            "decode_tokens_per_s": round(merged["decode_tokens_per_s"] / unmerged["decode_tokens_per_s"], 2),
+        },
+        "max_abs_logit_difference": float((logits["merged"] - logits["unmerged"]).abs().max()),
+        "same_next_token": int(logits["merged"].argmax()) == int(logits["unmerged"].argmax()),
+    }
+
+
 def peak_rss(kind: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
     """Memory (MiB) of a fresh process that loads one variant and runs one prefill plus the decode steps: its peak
     RSS, and how much its RSS grew from after the imports (torch, transformers, ExecuTorch: the same for every
@@ -183,12 +297,13 @@ def peak_rss(kind: str, path: Path, args: argparse.Namespace) -> dict[str, float
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def resident_mib() -> float:
-    """This process's current resident set (VmRSS), MiB."""
+def resident_mib(field: str = "VmRSS") -> float:
+    """This process's current resident set (VmRSS) or its high-water mark (VmHWM), MiB. The peak is VmHWM, not
+    ru_maxrss: Linux carries the spawning process's high-water mark over exec into the child."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -205,7 +320,7 @@ def rss_child(args: argparse.Namespace) -> None:
         manifest, program = load_base(Path(path))
         embeds = program.load_method("token_embedding").execute([torch.randint(0, 150000, (1, args.prompt_tokens))])[0]
         exported_round(program.load_method("text_decoder"), embeds, args.new_tokens)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resident_mib("VmHWM")
     print(json.dumps({"peak_rss_mib": round(peak, 1), "rss_growth_mib": round(resident_mib() - baseline, 1)}))
 
 
@@ -275,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": args.threads,
+        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],  # other processes on the same CPUs
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
@@ -282,13 +398,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "programs": [str(p) for p in args.programs],
     }
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"speed", "accuracy"})
+    unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"Unknown --sections {unknown}; valid: speed, accuracy.")
+        raise ValueError(f"Unknown --sections {unknown}; valid: {', '.join(SECTIONS)}.")
     if "speed" in sections:
         report["speed"] = speed_section(args)
     if "accuracy" in sections:
         report["accuracy"] = accuracy_section(args)
+    if "merged_lora" in sections:
+        report["merged_lora"] = merged_lora_section(args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -6,7 +6,9 @@
 No transformers model class is used: the processor (tokenizer, chat template, image packing) comes from the export
 folder's own processor files, and every tensor op runs in ExecuTorch's runtime (`executorch.runtime`) on the
 programs named by `manifest.json`: `token_embedding`, one `vision_<W>x<H>` per canvas bucket and the `text_decoder`
-of the base (`base.pte`) or of an adapter (`adapters/<name>.pte`), all reading the weights of one `base.ptd`.
+of the base (`base.pte`) or of an adapter (`adapters/<name>.pte`), all reading the weights of one `base.ptd`. The
+export of a quantized folder (e.g. the int4 base of the `*-qalft-int4` adapters) runs the same way: its weights are
+the dequantized fp32 ones, so its answers are those of the eager quantized model in fp32.
 
 Each image goes to the bucket its processor canvas names. An image whose canvas is not a bucket is first fitted
 (aspect kept, centred on the processor's background colour) to the size from which the processor's own rule makes
@@ -76,11 +78,12 @@ def load_manifest(folder: Path) -> dict[str, Any]:
 
 
 def load_program(folder: Path, manifest: dict[str, Any], relative_path: str | None = None):
-    """One program of the export folder (`manifest["base"]` by default) with the shared base weights file. A quantized
-    export needs ExecuTorch's quantized kernels (the int8 embedding lookup), registered here on first use."""
+    """One program of the export folder (`manifest["base"]` by default) with the shared base weights file. An 8da4w
+    export needs ExecuTorch's quantized kernels (the int8 embedding lookup), registered here on first use; the export
+    of a quantized folder (weights dequantized to fp32) needs none."""
     from executorch.runtime import Runtime
 
-    if manifest.get("quantization"):
+    if (manifest.get("quantization") or {}).get("linear") == "8da4w":
         import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_byte)
     folder = Path(folder)
     path = folder / (relative_path or manifest["base"])

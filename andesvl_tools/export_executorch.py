@@ -14,8 +14,16 @@ What lands in `--output` (names in `manifest.json`):
   program that uses a base weight finds it here);
 - `adapters/<name>.pte`: one `text_decoder` per LoRA adapter, its LoRA weights unmerged inside (the base weights stay
   in `base.ptd`); adapters that train token rows or full modules are refused (`trainable_token_indices`,
-  `modules_to_save`);
+  `modules_to_save`; the shipped adapters of AndesVL-Tiny have neither);
 - the tokenizer, chat template and processor files, so `andesvl_tools.executorch_runner` needs nothing else.
+
+A quantized AndesVL folder (`andesvl_tools.quantize`, `config.quantization`), e.g. the int4 group-16 fp16-scale base
+that the shipped `*-qalft-int4` adapters were trained against, exports too: every `AndesVLQuantizedLinear` becomes a
+plain linear holding its dequantized weight in fp32 (`code * scale`, exactly the weight the eager layer multiplies when
+the model runs in fp32), so the programs answer exactly like the eager quantized base, with or without its QALFT
+adapters (LoRA unmerged, as for a float base). The weights are then fp32 on the device: XNNPACK's int4 takes groups
+that are multiples of 32 only, so a group-16 scheme has no XNNPACK equivalent, and `--quantize 8da4w` on top of a
+quantized folder is refused (it would requantize with another scheme than the adapters were trained against).
 
 The vision buckets run the model's own encoder code: `image_geometry` (the grid's position table and rotary tables,
 computed once here from Python ints) is kept apart from `encode_patches` (tensor-only), which is what is exported.
@@ -87,7 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="images whose processor canvases become buckets (e.g. one image per task)",
     )
     parser.add_argument("--max-context", type=int, default=512, help="static KV-cache length (prompt + answer)")
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help="on-device base quantization")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="on-device quantization of a float folder (refused for a quantized one)",
+    )
     parser.add_argument("--group-size", type=int, default=32, help="8da4w weight group (a multiple of 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     return parser.parse_args(argv)
@@ -212,15 +225,68 @@ def load_for_export(folder: Path, adapter: str | None = None):
 
     model = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32)
     if getattr(model.config, "quantization", None):
-        raise ValueError(
-            f"{folder} is a quantized base ({model.config.quantization}); export the float folder and pass "
-            "--quantize 8da4w for the on-device quantization."
-        )
+        dequantize_linears(model)  # before the adapter: its LoRA layers then wrap the plain linears
     model.config.vision_config._attn_implementation = "eager"
     if adapter is not None:
         check_exportable_adapter(folder / "adapters" / adapter)
         model.load_scenario_adapter(adapter)
     return model.eval()
+
+
+def source_quantization(folder: Path) -> dict[str, Any] | None:
+    """The `quantization` spec of an AndesVL folder's config.json (`andesvl_tools.quantize`), None for a float one."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --model must be an AndesVL folder.")
+    return json.loads(path.read_text()).get("quantization") or None
+
+
+def check_quantize_option(folder: Path, source: dict[str, Any] | None, quantize: str) -> None:
+    """`--quantize 8da4w` requantizes float weights; on an already quantized folder it would replace the folder's
+    scheme (the one its QALFT adapters were trained against) by another one."""
+    if source and quantize != "none":
+        raise ValueError(
+            f"{folder} is already quantized ({source}); --quantize {quantize} would requantize it with another "
+            "scheme. Export it without --quantize (its quantized layers are dequantized to fp32, exactly as the "
+            "eager model computes), or export the float folder with --quantize 8da4w."
+        )
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """An `AndesVLQuantizedLinear` of the remote code the model was loaded with (its own module, not ours)."""
+    return type(module).__name__ == "AndesVLQuantizedLinear" and hasattr(module, "dequantized_weight")
+
+
+def dequantized_linear(module: nn.Module) -> nn.Linear:
+    """A plain fp32 linear with the quantized layer's weight `code * scale` (computed in fp32, as the eager layer
+    does for fp32 inputs) and its bias."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(module.dequantized_weight(torch.float32))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.float())
+    return linear.requires_grad_(False)
+
+
+def dequantize_linears(model) -> int:
+    """Replace every quantized linear of `model` by its `dequantized_linear`; returns how many."""
+    names = [name for name, module in model.named_modules() if is_quantized_linear(module)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, dequantized_linear(getattr(parent, child)))
+    if not names:
+        raise ValueError(f"config.quantization is {model.config.quantization}, but the model has no quantized layer.")
+    return len(names)
+
+
+def dequantized_manifest(source: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "linear": "dequantized",
+        "source": source,
+        "on_device": "dequantized to fp32 (code * scale, as the eager quantized layer computes in fp32); XNNPACK's "
+        "int4 takes no group that is not a multiple of 32",
+    }
 
 
 def check_exportable_adapter(folder: Path) -> None:
@@ -362,6 +428,35 @@ def decoder_program(model, max_context: int) -> torch.export.ExportedProgram:
     return tag_base_constants(export_text_decoder(model, max_context))
 
 
+def merge_lora(model) -> int:
+    """Fold the active LoRA adapter into the base linears (peft's layer `merge`: W + scaling * B @ A) and put the
+    base linears back in place of the LoRA wrappers, as peft's `merge_and_unload`; returns how many were merged.
+    Only plain LoRA is exported (`check_exportable_adapter`): no token rows or saved modules to fold in."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        layer.merge()
+        setattr(parent, child, layer.get_base_layer())
+    if not names:
+        raise ValueError("No LoRA layer to merge: load an adapter first.")
+    return len(names)
+
+
+def write_merged_decoder(folder: Path, adapter: str, max_context: int, path: Path) -> int:
+    """A standalone `text_decoder` program of `folder` with `adapter` merged into its weights, every weight inside
+    the program (no `base.ptd`); returns its size in bytes. For comparing against the unmerged adapter program."""
+    model = load_for_export(folder, adapter)
+    merge_lora(model)
+    manager = lower({"text_decoder": export_text_decoder(model, max_context)}, external_base=False, quantized=False)
+    if external_keys(manager):
+        raise ValueError(f"The merged {adapter!r} program reads external data {sorted(external_keys(manager))}.")
+    return write_program(manager, path)
+
+
 def write_program(manager, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
@@ -418,6 +513,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.max_context < 2:
         raise ValueError(f"--max-context must be at least 2, got {args.max_context}.")
+    check_quantize_option(args.model, source_quantization(args.model), args.quantize)
     adapters = selected_adapters(args.model, args.adapters)
     processor = AutoProcessor.from_pretrained(str(args.model), trust_remote_code=True)
     buckets = resolve_buckets(args, processor.image_processor)
@@ -433,8 +529,11 @@ def write_export(args: argparse.Namespace, output: Path, processor, buckets, ada
 
     model = load_for_export(args.model)
     quantization = quantize_for_device(model, args.group_size) if args.quantize == "8da4w" else None
+    source = getattr(model.config, "quantization", None)
+    if source:
+        quantization = dequantized_manifest(source)
     programs = base_programs(model, buckets, image_processor.patch_size, args.max_context)
-    base = lower(programs, external_base=True, quantized=quantization is not None)
+    base = lower(programs, external_base=True, quantized=args.quantize == "8da4w")
     sizes = {"base.pte": write_program(base, output / "base.pte")}
     base.write_tensor_data_to_file(str(output))
     sizes[f"{BASE_DATA}.ptd"] = (output / f"{BASE_DATA}.ptd").stat().st_size
@@ -443,7 +542,7 @@ def write_export(args: argparse.Namespace, output: Path, processor, buckets, ada
     text_config, image_token_id = model.config.text_config, model.config.image_token_id
     del model, base
 
-    quantized = quantization is not None
+    quantized = args.quantize == "8da4w"
     for name in adapters:
         began = time.perf_counter()
         adapted = load_for_export(args.model, name)

@@ -5,6 +5,8 @@ program checked against the eager model on the same CPU:
   decoder equals the eager torchao-quantized language model within a looser bound;
 - AndesVL-Tiny in the 1+N layout (one base.ptd, the base program and one small program per shipped float adapter):
   the runner's greedy answers equal `model.generate` on the demo examples of every task, base and each adapter;
+- AndesVL-Tiny quantized to the scheme of its `*-qalft-int4` adapters (int4, group 16, fp16 scales), exported with
+  those adapters (weights dequantized to fp32): the runner's answers equal `model.generate` on the eager quantized base;
 - bucket fitting, adapter refusal and bad input get clear errors.
 
 Export is slow (minutes per program on two cores), so CI exports once per fixture. Skipped where ExecuTorch is not
@@ -39,7 +41,11 @@ from andesvl_tools.executorch_runner import (
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "AndesVL-Tiny"
 EXAMPLES = ROOT / "assets" / "andesvl-tiny" / "examples.jsonl"
-FLOAT_ADAPTERS = ("gui", "ocr")  # the *-qalft-int4 adapters belong to the int4 base (see README, limits)
+FLOAT_ADAPTERS = ("gui", "ocr")  # the *-qalft-int4 adapters are exported on their int4 base (test_qalft_...)
+# The shipped QALFT adapters, by the task (and float adapter) of the demo examples, and the base they were trained for.
+QALFT_ADAPTERS = {"ocr": "ocr-qalft-int4", "gui": "gui-qalft-int4"}
+QALFT_SCHEME = ["--bits", "4", "--group-size", "16", "--scale-dtype", "float16"]
+QALFT_BUCKET = "168x84"  # the ocr canvas; the other examples' images are fitted to it (runner and eager alike)
 TOLERANCE = 1e-4
 MAX_NEW_TOKENS = 24
 BUCKETS = {"aimv2": "56x84", "siglip2": "64x96"}  # grid 6 x 4 at patch 14 (the tiny AIMv2) and 16 (SigLIP2)
@@ -175,16 +181,77 @@ def test_runner_answers_equal_generate(tiny_checkpoint_export):
     assert {e["adapter"] for e in examples} == {None, *FLOAT_ADAPTERS}
     runner = ExecutorchAndesVL(tiny_checkpoint_export)
     model, processor = load_eager(TINY), AutoProcessor.from_pretrained(str(TINY), trust_remote_code=True)
-    config, loaded = generation_config(model, MAX_NEW_TOKENS), set()
-    mismatches = []
+    same = {name: name for name in (None, *FLOAT_ADAPTERS)}
+    mismatches = runner_answers_vs_generate(runner, model, processor, examples, same)
+    assert not mismatches, mismatches
+
+
+def runner_answers_vs_generate(runner, model, processor, examples: list[dict], adapters: dict) -> list[tuple]:
+    """(task, adapter, eager answer, exported answer) of every example where the runner's greedy answer differs from
+    `generate` on the eager `model`; both get the images the runner bucketed (fitted where no bucket matches).
+    `adapters` maps an example's adapter to the one to answer with (None: the base)."""
+    config, loaded, mismatches = generation_config(model, MAX_NEW_TOKENS), set(), []
     for example in examples:
-        adapter = example["adapter"]
+        adapter = adapters[example["adapter"]]
+        images = runner.bucketed_images(example["images"])
         switch_adapter(model, adapter, loaded)
-        eager = generate_batch(model, processor, [example], config)[0]
-        exported = runner.chat(example["messages"], example["images"], adapter, MAX_NEW_TOKENS)
+        eager = generate_batch(model, processor, [{**example, "images": images}], config)[0]
+        exported = runner.chat(example["messages"], images, adapter, MAX_NEW_TOKENS)
         if exported != eager:
             mismatches.append((example["task"], adapter, eager, exported))
+    return mismatches
+
+
+@pytest.fixture(scope="module")
+def qalft_base(tmp_path_factory) -> Path:
+    """AndesVL-Tiny quantized with the scheme its *-qalft-int4 adapters were trained against (adapters/ copied)."""
+    from andesvl_tools import quantize
+
+    output = tmp_path_factory.mktemp("int4") / "AndesVL-Tiny-int4-g16"
+    quantize.main(["--model", str(TINY), "--output", str(output), "--check-tokens", "1", *QALFT_SCHEME])
+    return output
+
+
+def test_qalft_adapters_answer_like_the_eager_quantized_base(qalft_base, tmp_path):
+    """The int4 base's quantized layers exported as their fp32 dequantized weights, with both QALFT adapters
+    (LoRA unmerged) and one bucket: the base decoder's logits equal the eager quantized model's, and the runner's
+    greedy answers equal `generate` on it (fp32) for the base and each adapter on an example of its task."""
+    from transformers import AutoProcessor
+
+    output = tmp_path / "int4-et"
+    adapters = ",".join(QALFT_ADAPTERS.values())
+    manifest = ee.main(
+        export_args(qalft_base, output, "--adapters", adapters, "--buckets", QALFT_BUCKET, "--max-context", "160")
+    )
+    source = json.loads((qalft_base / "config.json").read_text())["quantization"]
+    assert manifest["quantization"]["source"] == source and source["group_size"] == 16
+    assert manifest["quantization"]["linear"] == "dequantized"
+    assert set(manifest["adapters"]) == set(QALFT_ADAPTERS.values())
+    assert all(manifest["base_weights_shared"][name] > 0 for name in QALFT_ADAPTERS.values())
+    model = load_eager(qalft_base)
+    assert any(type(m).__name__ == "AndesVLQuantizedLinear" for m in model.modules())  # the eager side is int4
+    runner = ExecutorchAndesVL(output)
+    ids = torch.tensor([[9707, 11, 1879, 13, 151644, 872]])
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        eager_logits = model.language_model(inputs_embeds=embeds).logits[:, -1]
+        logits = runner.method("text_decoder").execute([embeds, torch.arange(6)])[0]
+    assert (logits - eager_logits).abs().max() < TOLERANCE
+
+    firsts = {}
+    for example in load_examples(EXAMPLES):
+        firsts.setdefault(example["task"], example)
+    examples = [firsts[task] for task in ("vqa", *QALFT_ADAPTERS)]  # the base, then each QALFT adapter's task
+    processor = AutoProcessor.from_pretrained(str(qalft_base), trust_remote_code=True)
+    mismatches = runner_answers_vs_generate(runner, model, processor, examples, {None: None, **QALFT_ADAPTERS})
     assert not mismatches, mismatches
+
+
+def test_quantized_folder_refuses_8da4w(qalft_base, tmp_path):
+    """--quantize 8da4w on an already quantized folder fails before anything is loaded or exported."""
+    with pytest.raises(ValueError, match=r"already quantized .*--quantize 8da4w would requantize"):
+        ee.main(export_args(qalft_base, tmp_path / "et", "--quantize", "8da4w"))
+    assert not (tmp_path / "et").exists()
 
 
 def test_runner_rejects_bad_requests(tiny_checkpoint_export):
@@ -239,6 +306,43 @@ def test_token_row_adapters_are_refused(tmp_path):
     with pytest.raises(ValueError, match="only plain LoRA.*trainable_token_indices"):
         ee.check_exportable_adapter(adapter)
     ee.check_exportable_adapter(TINY / "adapters" / "ocr")  # the shipped one passes
+
+
+def test_merge_lora_folds_the_adapter_into_plain_linears():
+    """The merged model the benchmark's merged_lora section exports: no LoRA layer left, the adapter's logits (not
+    the base's) up to float rounding."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ids = torch.tensor([[9707, 11, 1879, 13, 151644, 872]])
+    base, adapted = ee.load_for_export(TINY), ee.load_for_export(TINY, "ocr")
+    with torch.no_grad():
+        base_logits, lora_logits = (m.language_model(input_ids=ids).logits for m in (base, adapted))
+        assert ee.merge_lora(adapted) == 28  # 4 layers x (q, k, v, o, gate, up, down)
+        merged_logits = adapted.language_model(input_ids=ids).logits
+    assert not any(isinstance(module, BaseTunerLayer) for module in adapted.modules())
+    assert (merged_logits - lora_logits).abs().max() < TOLERANCE < (lora_logits - base_logits).abs().max()
+    with pytest.raises(ValueError, match="No LoRA layer to merge"):
+        ee.merge_lora(base)
+
+
+def test_merged_adapter_program_answers_like_the_unmerged_one(tiny_checkpoint_export, tmp_path):
+    """The benchmark's merged_lora comparison for one shipped adapter: the standalone merged program holds every
+    weight (far larger than the adapter program over base.ptd) and gives the unmerged program's logits; quantized
+    exports are left out (their adapters would be merged into another base)."""
+    from andesvl_tools import executorch_benchmark as eb
+
+    args = eb.parse_args(["--model", str(TINY), "--programs", str(tiny_checkpoint_export), "--rounds", "1"])
+    args.prompt_tokens, args.new_tokens, args.threads = 16, 4, 1
+    manifest, program = eb.load_base(tiny_checkpoint_export)
+    export = (tiny_checkpoint_export, manifest, program.load_method("text_decoder"))
+    embeds = eb.prompt_embeddings(eb.load_eager(TINY), args.prompt_tokens)
+    row = eb.compare_merged(args, export, "ocr", manifest["adapters"]["ocr"], tmp_path / "ocr.pte", embeds)
+    assert row["merged"]["program_bytes"] > 10 * row["unmerged"]["program_bytes"]
+    assert row["max_abs_logit_difference"] < TOLERANCE and row["same_next_token"]
+    assert row["merged_vs_unmerged"]["decode_tokens_per_s"] > 0
+    assert eb.merge_refusal(manifest) is None
+    assert "8da4w export" in eb.merge_refusal({**manifest, "quantization": {"linear": "8da4w"}})
+    assert "dequantized export" in eb.merge_refusal({**manifest, "quantization": {"linear": "dequantized"}})
 
 
 def test_benchmark_reports_side_by_side_ratios(tiny_repos, tiny_exports, tmp_path):
