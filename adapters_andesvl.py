@@ -57,7 +57,10 @@ class AndesVLAdapterMixin:
             return super().load_adapter(peft_model_id, adapter_name, *args, **kwargs)
         if not self._has_quantized_linears():
             return super().load_adapter(peft_model_id, adapter_name, **kwargs)
-        from peft import PeftConfig  # peft is needed for adapters anyway
+        try:  # in a try block: transformers requires every package imported outside one (peft is optional)
+            from peft import PeftConfig
+        except ImportError as error:
+            raise ImportError("Loading an adapter needs peft: pip install peft") from error
 
         adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
         subfolder = adapter_kwargs.pop("subfolder", None) or kwargs.pop("subfolder", None) or ""
