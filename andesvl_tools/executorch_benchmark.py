@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .benchmark import cpu_info
+from .benchmark import cpu_info, peak_rss_mb
 
 TASK_ADAPTERS = {"vqa": None, "multi": None, "ocr": "ocr", "gui": "gui"}
 SECTIONS = ("speed", "accuracy", "merged_lora")
@@ -297,13 +297,12 @@ def peak_rss(kind: str, path: Path, args: argparse.Namespace) -> dict[str, float
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def resident_mib(field: str = "VmRSS") -> float:
-    """This process's current resident set (VmRSS) or its high-water mark (VmHWM), MiB. The peak is VmHWM, not
-    ru_maxrss: Linux carries the spawning process's high-water mark over exec into the child."""
+def resident_mib() -> float:
+    """This process's current resident set (VmRSS), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
+        if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+    raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -320,7 +319,7 @@ def rss_child(args: argparse.Namespace) -> None:
         manifest, program = load_base(Path(path))
         embeds = program.load_method("token_embedding").execute([torch.randint(0, 150000, (1, args.prompt_tokens))])[0]
         exported_round(program.load_method("text_decoder"), embeds, args.new_tokens)
-    peak = resident_mib("VmHWM")
+    peak = peak_rss_mb()  # VmHWM: ru_maxrss would carry the spawning process's peak over exec
     print(json.dumps({"peak_rss_mib": round(peak, 1), "rss_growth_mib": round(resident_mib() - baseline, 1)}))
 
 
